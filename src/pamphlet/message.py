@@ -1,0 +1,63 @@
+"""Message: one thing the PAM stack says to the user, as a str with a style."""
+
+from __future__ import annotations
+
+from .constants import MessageStyle
+
+__all__ = [
+    "Message",
+    "PAM_PROMPT_ECHO_OFF",
+    "PAM_PROMPT_ECHO_ON",
+    "PAM_ERROR_MSG",
+    "PAM_TEXT_INFO",
+    "PAM_RADIO_TYPE",
+    "PAM_BINARY_PROMPT",
+]
+
+PAM_PROMPT_ECHO_OFF = MessageStyle.PROMPT_ECHO_OFF
+PAM_PROMPT_ECHO_ON = MessageStyle.PROMPT_ECHO_ON
+PAM_ERROR_MSG = MessageStyle.ERROR_MSG
+PAM_TEXT_INFO = MessageStyle.TEXT_INFO
+PAM_RADIO_TYPE = MessageStyle.RADIO_TYPE
+PAM_BINARY_PROMPT = MessageStyle.BINARY_PROMPT
+
+_PROMPTS = frozenset((PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_RADIO_TYPE))
+
+
+class Message(str):
+    """A conversation message: its text, plus the ``style`` PAM gave it.
+
+    ``is_prompt`` messages want an answer; ``wants_password`` ones want it
+    without echo. Info and error messages are answered with ``""``.
+    """
+
+    style: MessageStyle
+
+    def __new__(cls, text: str, style: int = PAM_TEXT_INFO) -> Message:
+        self = super().__new__(cls, text)
+        self.style = MessageStyle(style)
+        return self
+
+    @property
+    def is_prompt(self) -> bool:
+        """The message asks a question and wants an answer."""
+        return self.style in _PROMPTS
+
+    @property
+    def wants_password(self) -> bool:
+        """The answer is a secret: read it without echo."""
+        return self.style == PAM_PROMPT_ECHO_OFF
+
+    @property
+    def is_error(self) -> bool:
+        return self.style == PAM_ERROR_MSG
+
+    @property
+    def is_info(self) -> bool:
+        return self.style == PAM_TEXT_INFO
+
+    def __repr__(self) -> str:
+        return f"Message({str(self)!r}, {self.style.name})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Message, (str(self), int(self.style)))
