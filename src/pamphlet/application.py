@@ -94,6 +94,7 @@ class PamApplication:
         self._session_open = False
         self._credentials_established = False
         self._fail_delay: FailDelay | None = None
+        self._phase_running = False
         self.environ = PamEnvironment(self)
         raw_service = self._encode(service, "service name")
         raw_user = None if user is None else self._encode(user, "user name")
@@ -153,6 +154,12 @@ class PamApplication:
             raise HandleEndedError(f"this {type(self).__name__} has been ended; start a new one")
         return handle.pointer
 
+    def _refuse_reentry(self, action: str) -> None:
+        # Called from inside the conversation, libpam would be re-entered
+        # mid-phase (or, for end(), free the handle it is still using).
+        if self._phase_running:
+            raise RuntimeError(f"cannot {action} from inside the conversation of a running phase")
+
     def _check(self, code: int) -> None:
         if code != _SUCCESS:
             handle = self._handle
@@ -162,8 +169,13 @@ class PamApplication:
     def _run_phase(self, function: Callable[[Any, int], int], flags: int) -> None:
         with self._lock:
             pointer = self._require_handle()
+            self._refuse_reentry("run a PAM phase")
+            self._phase_running = True
             self._conversation_error = None
-            code = function(pointer, flags)
+            try:
+                code = function(pointer, flags)
+            finally:
+                self._phase_running = False
             self._last_status = code
             failure = self._conversation_error
             if failure is not None:
@@ -295,6 +307,7 @@ class PamApplication:
             handle = self._handle
             if handle is None:
                 return
+            self._refuse_reentry("end the handle")
             try:
                 if self._session_open:
                     try:
