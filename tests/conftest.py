@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -94,6 +96,14 @@ def wait_for_thread_count(count: int, timeout: float = 10) -> int:
     while thread_count() > count and time.monotonic() < deadline:
         time.sleep(0.01)
     return thread_count()
+
+
+def readme_example(snippet: str) -> str:
+    """The example of the README's "Servers that cannot block" that contains ``snippet``."""
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Servers that cannot block")[1]
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if snippet in b]
+    return block
 
 
 def run_python(code: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ import warnings
 import pytest
 
 import pamphlet
-from conftest import thread_count, wait_for_thread_count
+from conftest import readme_example, run_python, thread_count, wait_for_thread_count
 from pamphlet import AsyncPamApplication
 
 
@@ -386,3 +386,24 @@ def test_a_thousand_logins_waiting_at_once_all_finish(make_service):
     # every login waited in its conversation with a thread of its own in libpam
     assert threads_while_all_wait[0] >= baseline + count
     assert wait_for_thread_count(baseline) == baseline
+
+
+def test_readme_async_example():
+    proc = run_python(readme_example("class QueueLogin("))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Hello alice")
+    assert "'HOMEDIR': '/home/alice'" in proc.stdout
+
+
+def test_a_refused_phase_leaves_end_able_to_wait_for_the_running_one(matrix):
+    async def main():
+        app = matrix.app(WaitsForever, "bob")
+        task = asyncio.create_task(app.authenticate())
+        await app.asked.wait()
+        with pytest.raises(pamphlet.HandleBusyError):
+            await app.account_management()
+        await asyncio.wait_for(app.end(), timeout=30)
+        with pytest.raises(pamphlet.ConversationError):
+            await task
+
+    run(main())

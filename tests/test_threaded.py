@@ -13,7 +13,7 @@ import paramiko
 import pytest
 
 import pamphlet
-from conftest import thread_count, wait_for_thread_count
+from conftest import readme_example, run_python, thread_count, wait_for_thread_count
 from pamphlet import ThreadedPamApplication
 
 DOCUMENT = pathlib.Path(__file__).parent.parent / "docs" / "api-document.md"
@@ -385,3 +385,13 @@ def test_document_ssh_interface_fails_closed_when_the_stack_fails_at_once(make_s
         assert interface.check_auth_interactive("bob", "") == paramiko.AUTH_FAILED
     assert not interface.auth_thread.is_alive()
     interface.pam.end()
+
+
+@pytest.mark.parametrize(("answer", "printed"), [("secret", "logged in"), ("wrong", "refused: ")])
+def test_readme_threaded_example(answer, printed):
+    block = readme_example("pamphlet.ThreadedPamApplication(")
+    proc = run_python(block.replace('["secret" if', f'["{answer}" if'))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(printed)
+    if answer == "wrong":
+        assert "AuthenticationError" in proc.stdout

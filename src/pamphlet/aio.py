@@ -183,8 +183,10 @@ class AsyncPamApplication(PhaseThreads):
             loop.call_soon_threadsafe(_settle, finished, (error, result))
 
         self._loop = loop
-        self._finished = finished
         self._start_thread(base, args, kwargs, report, ending=ending)
+        # (after the start: a refused start must not replace the running
+        # phase's future, which end() awaits; no await comes in between)
+        self._finished = finished
         try:
             error, result = await asyncio.shield(finished)
         except asyncio.CancelledError:
