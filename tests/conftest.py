@@ -90,6 +90,16 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def settled_thread_count() -> int:
+    """The thread count once threads of earlier tests have finished exiting."""
+    previous, current = -1, thread_count()
+    deadline = time.monotonic() + 5
+    while current != previous and time.monotonic() < deadline:
+        time.sleep(0.05)
+        previous, current = current, thread_count()
+    return current
+
+
 def wait_for_thread_count(count: int, timeout: float = 10) -> int:
     """Poll until at most ``count`` threads are alive; returns the number seen."""
     deadline = time.monotonic() + timeout

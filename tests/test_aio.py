@@ -11,7 +11,13 @@ import warnings
 import pytest
 
 import pamphlet
-from conftest import readme_example, run_python, thread_count, wait_for_thread_count
+from conftest import (
+    readme_example,
+    run_python,
+    settled_thread_count,
+    thread_count,
+    wait_for_thread_count,
+)
 from pamphlet import AsyncPamApplication
 
 
@@ -139,7 +145,7 @@ def test_a_failing_conversation_fails_closed(matrix):
 
 
 def test_cancelling_the_awaiting_task_ends_the_conversation(matrix):
-    baseline = thread_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = matrix.app(WaitsForever, "bob")
@@ -161,7 +167,7 @@ def test_cancelling_the_awaiting_task_ends_the_conversation(matrix):
 
 
 def test_timeouts_cancel_too(matrix):
-    baseline = thread_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = matrix.app(WaitsForever, "bob")
@@ -178,7 +184,7 @@ def test_timeouts_cancel_too(matrix):
 
 
 def test_end_while_a_phase_waits_aborts_it(matrix):
-    baseline = thread_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = matrix.app(WaitsForever, "bob")
@@ -255,7 +261,7 @@ FAILDELAY_STACK = (
 
 def test_failure_delay_is_awaited_on_the_loop_without_a_thread(make_service):
     service = make_service(FAILDELAY_STACK.format(delay=600_000), users={"bob": "secret"})
-    baseline = thread_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = service.app(AsyncLogin, "bob", answers=["wrong"])
@@ -279,7 +285,7 @@ def test_failure_delay_is_awaited_on_the_loop_without_a_thread(make_service):
 
 def test_failure_delay_libpam_policy_sleeps_on_the_thread(make_service):
     service = make_service(FAILDELAY_STACK.format(delay=400_000), users={"bob": "secret"})
-    baseline = thread_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = service.app(AsyncLogin, "bob", answers=["wrong"], fail_delay="libpam")
@@ -353,7 +359,7 @@ def test_a_thousand_logins_waiting_at_once_all_finish(make_service):
     """More logins wait on their users at once than any executor has workers."""
     count = 1000
     service = make_service(users={f"user{i}": f"pw{i}" for i in range(count)})
-    baseline = thread_count()
+    baseline = settled_thread_count()
     waiting = []
     everyone_waits = asyncio.Event()
     threads_while_all_wait = []
