@@ -94,7 +94,7 @@ class PamApplication:
         self._session_open = False
         self._credentials_established = False
         self._fail_delay: FailDelay | None = None
-        self._phase_running = False
+        self._inside_phase = False
         self.environ = PamEnvironment(self)
         raw_service = self._encode(service, "service name")
         raw_user = None if user is None else self._encode(user, "user name")
@@ -157,7 +157,7 @@ class PamApplication:
     def _refuse_reentry(self, action: str) -> None:
         # Called from inside the conversation, libpam would be re-entered
         # mid-phase (or, for end(), free the handle it is still using).
-        if self._phase_running:
+        if self._inside_phase:
             raise RuntimeError(f"cannot {action} from inside the conversation of a running phase")
 
     def _check(self, code: int) -> None:
@@ -170,12 +170,12 @@ class PamApplication:
         with self._lock:
             pointer = self._require_handle()
             self._refuse_reentry("run a PAM phase")
-            self._phase_running = True
+            self._inside_phase = True
             self._conversation_error = None
             try:
                 code = function(pointer, flags)
             finally:
-                self._phase_running = False
+                self._inside_phase = False
             self._last_status = code
             failure = self._conversation_error
             if failure is not None:
