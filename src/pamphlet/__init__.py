@@ -62,6 +62,7 @@ from .message import (
     PAM_TEXT_INFO,
     Message,
 )
+from .simple import UnansweredPromptError, authenticate, change_password
 
 __version__ = "0.1.0"
 
@@ -119,4 +120,7 @@ __all__ = [
     "SystemError",
     "TryAgain",
     "UserUnknown",
+    "authenticate",
+    "change_password",
+    "UnansweredPromptError",
 ]
