@@ -185,6 +185,23 @@ _NEW_PROMPT = re.compile(r"\b(new|retype|re-enter|repeat|verify|confirm|again)\b
 _OLD_PROMPT = re.compile(r"\b(old|current|existing)\b", re.I)
 
 
+def _password_for_prompt(prompt: Message, old: str | bytes, new: str | bytes) -> str | bytes:
+    """The answer to one of pam_chauthtok's prompts: the old or the new password."""
+    if not prompt.wants_password:
+        raise UnansweredPromptError(
+            prompt, "pamphlet.change_password", "it answers only password (echo-off) prompts"
+        )
+    if _NEW_PROMPT.search(prompt):
+        return new
+    if _OLD_PROMPT.search(prompt):
+        return old
+    raise UnansweredPromptError(
+        prompt,
+        "pamphlet.change_password",
+        "it cannot tell whether it asks for the old or the new password",
+    )
+
+
 def change_password(
     username: str,
     old: str | bytes,
@@ -218,19 +235,7 @@ def change_password(
     _check_secret(new, "new password")
 
     def choose(prompt: Message) -> str | bytes:
-        if not prompt.wants_password:
-            raise UnansweredPromptError(
-                prompt, "pamphlet.change_password", "it answers only password (echo-off) prompts"
-            )
-        if _NEW_PROMPT.search(prompt):
-            return new
-        if _OLD_PROMPT.search(prompt):
-            return old
-        raise UnansweredPromptError(
-            prompt,
-            "pamphlet.change_password",
-            "it cannot tell whether it asks for the old or the new password",
-        )
+        return _password_for_prompt(prompt, old, new)
 
     app = _start(
         service,
