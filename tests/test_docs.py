@@ -251,3 +251,20 @@ def test_docs_build(tmp_path):
     for name in ("PamApplication", "authenticate", "change_password", "TemporaryService"):
         assert name in reference
     assert "Credentials" in (tmp_path / "guide" / "credentials" / "index.html").read_text()
+
+
+def test_readme_first_command_ends_in_the_demo():
+    # The README's set-up command ends in the demo; its last step runs here.
+    first = re.search(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    last_step = first.strip().split("&&")[-1].split()
+    assert last_step == ["python3", "-m", "pamphlet", "--demo"]
+    proc = subprocess.run(
+        [sys.executable, *last_step[1:]],
+        input="pamphlet\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Welcome, demo!" in proc.stderr

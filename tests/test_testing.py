@@ -171,8 +171,27 @@ def pam_wrapper_folder() -> str:
     return os.path.dirname(pam_wrapper_module("pam_matrix"))
 
 
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="hiding pam_wrapper needs a mount namespace"
+)
+
+
+def without_pam_wrapper(*command: str) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in a mount namespace of its own, where an empty folder
+    hides pam_wrapper's modules, as on a machine without the package."""
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed to hide pam_wrapper")
+    hide = 'mount -t tmpfs none "$0" && exec "$@"'
+    return subprocess.run(
+        ["unshare", "--mount", "sh", "-c", hide, pam_wrapper_folder(), *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="hiding pam_wrapper needs a mount namespace")
+@needs_root
 @pytest.mark.parametrize(
     "code",
     [
@@ -181,12 +200,8 @@ def pam_wrapper_folder() -> str:
     ],
 )
 def test_missing_pam_wrapper_names_the_package(tmp_path, code):
-    if shutil.which("unshare") is None:
-        pytest.fail("unshare (util-linux) is needed to hide pam_wrapper")
-    # In a mount namespace of its own, an empty folder hides pam_wrapper's
-    # modules, as on a machine without the package.
     script = textwrap.dedent(f"""
-        import glob, os, tempfile
+        import os, tempfile
         from pamphlet.testing import PamWrapperMissingError, TemporaryService
         tempfile.tempdir = {str(tmp_path)!r}
         try:
@@ -195,27 +210,21 @@ def test_missing_pam_wrapper_names_the_package(tmp_path, code):
             print("refused:", error)
         print("left behind:", os.listdir({str(tmp_path)!r}))
     """)
-    proc = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "sh",
-            "-c",
-            'mount -t tmpfs none "$1" && exec "$2" -c "$3"',
-            "sh",
-            pam_wrapper_folder(),
-            sys.executable,
-            script,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = without_pam_wrapper(sys.executable, "-c", script)
     assert proc.returncode == 0, proc.stderr
     assert "refused: pam_wrapper's pam_matrix.so was not found" in proc.stdout
     assert "apt-get install libpam-wrapper" in proc.stdout
     assert "left behind: []" in proc.stdout
     assert glob.glob(os.path.join(pam_wrapper_folder(), "pam_matrix.so"))  # still here outside
+
+
+@pytest.mark.root
+@needs_root
+def test_demo_without_pam_wrapper_names_the_package():
+    proc = without_pam_wrapper(sys.executable, "-m", "pamphlet", "--demo")
+    assert proc.returncode == 1
+    assert "apt-get install libpam-wrapper" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_missing_module_error_is_a_file_not_found_error():
