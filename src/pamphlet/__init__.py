@@ -5,6 +5,7 @@ Subclass :class:`PamApplication`, write ``conversation``, call the phases.
 
 from __future__ import annotations
 
+from .aio import AsyncPamApplication, FailDelayPolicy, libpam_delay
 from .application import FailDelay, PamAplication, PamApplication
 from .constants import (
     PAM_MAX_MSG_SIZE,
@@ -63,6 +64,12 @@ from .message import (
     Message,
 )
 from .simple import UnansweredPromptError, authenticate, change_password
+from .threaded import (
+    ConversationAborted,
+    ConversationStateError,
+    HandleBusyError,
+    ThreadedPamApplication,
+)
 
 __version__ = "0.1.0"
 
@@ -71,6 +78,13 @@ __all__ = [
     "PamAplication",
     "PamApplication",
     "PamEnvironment",
+    "ThreadedPamApplication",
+    "AsyncPamApplication",
+    "FailDelayPolicy",
+    "libpam_delay",
+    "HandleBusyError",
+    "ConversationAborted",
+    "ConversationStateError",
     "Flag",
     "Item",
     "MessageStyle",
