@@ -358,7 +358,7 @@ class Invocation:
 class _Runner:
     def __init__(
         self, invocation: Invocation, stdin: IO[str] | None, stdout: IO[str], stderr: IO[str]
-    ):
+    ) -> None:
         self.invocation = invocation
         self.stdout = stdout
         self.stderr = stderr
