@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,6 +49,46 @@ def make_service(tmp_path: Any) -> Iterator[Callable[..., TemporaryService]]:
 def matrix(make_service: Callable[..., TemporaryService]) -> TemporaryService:
     """A pam_matrix service for all four types with bob:secret and alice:wonder."""
     return make_service(users={"bob": "secret", "alice": "wonder"})
+
+
+class LibpamGate:
+    """A pam_exec script that holds a phase inside libpam (not in its conversation)
+    until the test opens the gate: a deterministic "the phase is busy in a module"."""
+
+    def __init__(self, directory: Any) -> None:
+        self.entered = directory / "gate-entered"
+        self.opened = directory / "gate-open"
+        self.script = directory / "gate.sh"
+        self.script.write_text(
+            f"#!/bin/sh\ntouch {self.entered}\nwhile [ ! -e {self.opened} ]; do sleep 0.01; done\n"
+        )
+        self.script.chmod(0o755)
+
+    def line(self, kind: str = "auth") -> str:
+        return f"{kind} required pam_exec.so {self.script}"
+
+    def wait_entered(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.entered.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError("the PAM phase never reached the gate")
+            time.sleep(0.01)
+
+    def open(self) -> None:
+        self.opened.touch()
+
+
+@pytest.fixture
+def libpam_gate(tmp_path: Any) -> LibpamGate:
+    return LibpamGate(tmp_path)
+
+
+def wait_for_thread_count(count: int, timeout: float = 10) -> int:
+    """Poll until at most ``count`` Python threads are alive; returns the number seen."""
+    deadline = time.monotonic() + timeout
+    while threading.active_count() > count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return threading.active_count()
 
 
 def run_python(code: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
