@@ -53,6 +53,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser: Browser) -> Browser:
     browser.reset()
+    browser.shots = 0
     return browser
 
 
@@ -91,6 +92,16 @@ def answer(page: Browser, label: str, value: str, shots: pathlib.Path, name: str
 
 def thread_names() -> list[str]:
     return sorted(thread.name for thread in threading.enumerate())
+
+
+def recorded_session_stack(tmp_path: pathlib.Path) -> tuple[str, pathlib.Path]:
+    """MATRIX_STACK plus pam_exec writing "open_session USER" / "close_session USER"
+    lines into the returned file: proof of which session calls really ran."""
+    log = tmp_path / "session-log"
+    script = tmp_path / "record-session.sh"
+    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER" >> {log}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return MATRIX_STACK + f"session required pam_exec.so {script}\n", log
 
 
 # -- the flows a user sees ------------------------------------------------------
@@ -152,8 +163,9 @@ def test_wrong_password_is_refused_after_a_delay_that_holds_no_thread(
     assert flows_of(server)[0].stage is Stage.WORKING, "the other request waited for the delay"
 
     page.wait_for_new_page(old_page)
-    # libpam draws the delay at random, up to a quarter below what was asked.
-    assert time.monotonic() - started >= 0.75 * 2.0
+    # libpam draws the delay at random, between half and one and a half times
+    # what was asked (_pam_compute_delay).
+    assert time.monotonic() - started >= 0.5 * 2.0
     page.screenshot(tmp_path, "refused")
     assert page.title == "Sign in"
     assert page.notices() == [
@@ -263,11 +275,7 @@ def test_mismatched_new_passwords_end_the_login_with_the_modules_message(
 
 
 def test_logout_closes_the_session_and_ends_the_handle(page, serve, make_service, tmp_path):
-    marker = tmp_path / "session-log"
-    script = tmp_path / "record-session.sh"
-    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER" >> {marker}\n')
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    stack = MATRIX_STACK + f"session required pam_exec.so {script}\n"
+    stack, marker = recorded_session_stack(tmp_path)
     service = make_service(stack, users={"bob": "secret"})
     server = serve(service)
     threads_before = thread_names()
@@ -326,23 +334,34 @@ def test_abandoned_login_is_released_after_the_timeout(page, serve, make_service
 
 
 def test_idle_session_is_closed_after_the_session_timeout(page, serve, make_service, tmp_path):
-    marker = tmp_path / "session-log"
-    script = tmp_path / "record-session.sh"
-    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE" >> {marker}\n')
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    service = make_service(
-        MATRIX_STACK + f"session required pam_exec.so {script}\n", users={"bob": "secret"}
-    )
+    stack, marker = recorded_session_stack(tmp_path)
+    service = make_service(stack, users={"bob": "secret"})
     server = serve(service, session_timeout=1.0)
     sign_in(page, server, "bob", tmp_path)
     answer(page, "Password:", "secret", tmp_path, "password")
     assert page.title == "Welcome, bob"
     [flow] = flows_of(server)
     wait_until(lambda: flow.app.ended, timeout=20, what="the idle session to be ended")
-    assert marker.read_text() == "open_session\nclose_session\n"
+    assert marker.read_text() == "open_session bob\nclose_session bob\n"
     page.get(server.url + "/")
     assert page.title == "Sign in"
     assert "timed out" in page.notices()[0][1]
+
+
+def test_a_slow_stack_shows_a_page_that_waits_for_it(page, serve, make_service, tmp_path):
+    service = make_service(
+        "auth required pam_exec.so /bin/sleep 2\n"
+        + "\n".join(f"{kind} required pam_permit.so" for kind in ("auth", "account", "session"))
+    )
+    server = serve(service, wait_timeout=0.3)
+    sign_in(page, server, "carol", tmp_path)
+    # One read of the whole page: it reloads itself every second.
+    source = page.source
+    assert "<h1>Sign in</h1>" in source
+    assert "Please wait: the PAM stack is still working." in source
+    page.screenshot(tmp_path, "please-wait")
+    # The page refreshes itself until the stack is done.
+    wait_until(lambda: "<h1>Welcome, carol</h1>" in page.source, what="the welcome page")
 
 
 def test_cancel_releases_the_login(page, serve, make_service, tmp_path):
@@ -525,7 +544,8 @@ def test_the_demo_command_logs_in_with_two_prompts(page, tmp_path):
 
 
 def test_the_command_with_a_service_and_confdir(page, make_service, tmp_path):
-    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    stack, marker = recorded_session_stack(tmp_path)
+    service = make_service(stack, users={"bob": "secret"})
     process, url = start_command("--service", service.name, "--confdir", service.confdir)
     try:
         page.get(url + "/")
@@ -533,9 +553,12 @@ def test_the_command_with_a_service_and_confdir(page, make_service, tmp_path):
         page.click("Continue")
         answer(page, "Password:", "secret", tmp_path, "password")
         assert page.title == "Welcome, bob"
+        assert marker.read_text() == "open_session bob\n"
     finally:
-        # Stopping the server with a session open closes it: pam_end runs.
-        stop_command(process)
+        err = stop_command(process)
+    # Stopping the server with a session open closes it and ends the handle.
+    assert marker.read_text() == "open_session bob\nclose_session bob\n"
+    assert "Traceback" not in err and "never ended" not in err
 
 
 def test_readme_shows_the_command_and_its_options_exist():

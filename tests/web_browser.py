@@ -19,11 +19,10 @@ from typing import Any, TypeVar
 from aiohttp import web
 from examples.web_login import WebLogin
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException
+from selenium.common.exceptions import NoSuchElementException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
@@ -125,7 +124,6 @@ class Browser:
         self.driver.switch_to.window(handles[0])
         self.driver.get("about:blank")
         self.driver.delete_all_cookies()
-        self.shots = 0
 
     # -- reading the page ------------------------------------------------------
 
@@ -195,18 +193,29 @@ class Browser:
     def submit_soon(self) -> WebElement:
         """Send the page's form without waiting; returns the page to wait on.
 
-        chromedriver's click waits for the navigation it starts; a script timer
-        lets the test look at the server while the request is in flight.
+        chromedriver's click (and a script that submits at once) waits for the
+        navigation it starts; a script timer that fires after the command has
+        returned lets the test look at the server while the request is in flight.
         """
         old_page = self.driver.find_element(By.TAG_NAME, "html")
         self.driver.execute_script(
-            "setTimeout(() => document.querySelector('form').requestSubmit(), 0)"
+            "setTimeout(() => document.querySelector('form').requestSubmit(), 250)"
         )
         return old_page
 
     def wait_for_new_page(self, old_page: WebElement | None = None, timeout: float = 30) -> None:
         if old_page is not None:
-            WebDriverWait(self.driver, timeout).until(expected_conditions.staleness_of(old_page))
+
+            def replaced(driver: webdriver.Chrome) -> bool:
+                try:
+                    old_page.is_enabled()
+                except WebDriverException:
+                    # Stale, or "does not belong to the document": chromedriver
+                    # says either once the page has been replaced.
+                    return True
+                return False
+
+            WebDriverWait(self.driver, timeout).until(replaced)
         WebDriverWait(self.driver, timeout).until(
             lambda driver: driver.execute_script("return document.readyState") == "complete"
         )

@@ -228,5 +228,7 @@ class LoginFlow:
     async def _end(self) -> None:
         try:
             await self.app.end()
-        except PamError as error:
-            log.warning("pam_end for %r failed: %r", self.user, error)
+        except Exception:
+            # The handle is gone either way (end() clears it before pam_end);
+            # a failure here is the server's business, not the browser's.
+            log.exception("ending the PAM handle of %r failed", self.user)

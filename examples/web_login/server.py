@@ -266,7 +266,11 @@ class WebLogin:
         interval = max(0.1, min(self.login_timeout, self.session_timeout) / 4)
         while True:
             await asyncio.sleep(interval)
-            await self.reap()
+            try:
+                await self.reap()
+            except Exception:
+                # The reaper must outlive a bad flow: it is what frees handles.
+                log.exception("releasing idle logins failed")
 
     async def reap(self) -> None:
         """Release every flow idle for longer than its timeout."""
