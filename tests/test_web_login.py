@@ -442,6 +442,24 @@ def test_forms_need_the_csrf_token_of_their_own_cookie(serve, make_service):
     assert flow.stage is Stage.WELCOME
 
 
+def test_an_answer_with_a_nul_byte_fails_closed(serve, make_service):
+    # A browser cannot type NUL, but a forged form can send %00. Truncated at
+    # the NUL, "secret\0junk" would be the right password: it must fail.
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service)
+    client = Client(server.url)
+    token = client.csrf()
+    client.request("/login", {"username": "bob", "csrf": token})
+    [flow] = flows_of(server)
+    status, _body, _headers = client.request(
+        "/answer", {"step": str(flow.step), "answer-0": "secret\0junk", "csrf": token}
+    )
+    assert status == 303
+    status, body, _headers = client.request("/")
+    assert "Login incorrect." in body and "Welcome" not in body
+    assert flow.app.ended
+
+
 def test_first_cookie_is_httponly_and_samesite_strict(serve, make_service):
     server = serve(make_service(MATRIX_STACK, users={"bob": "secret"}))
     with urllib.request.urlopen(server.url + "/", timeout=10) as response:

@@ -133,16 +133,21 @@ class LoginFlow:
                 return False
         return True
 
-    async def release(self, stage: Stage = Stage.EXPIRED) -> None:
+    async def release(self, stage: Stage = Stage.EXPIRED, timeout: float = 30.0) -> None:
         """Stop the login wherever it is and end the PAM handle.
 
         A pending conversation call is cancelled, which makes libpam see
         PAM_CONV_ERR, so the phase's thread returns; the task's ``finally``
         then ends the handle (closing an open session, deleting credentials).
+        A module stuck inside libpam (not in the conversation) cannot be
+        interrupted: after ``timeout`` the caller goes on, and the task ends
+        the handle whenever the module returns.
         """
         if not self.task.done():
             self.task.cancel()
-            await asyncio.wait({self.task})
+            done, _pending = await asyncio.wait({self.task}, timeout=timeout)
+            if not done:
+                log.error("the login of %r is stuck inside a PAM module", self.user)
         if not self.stage.finished:
             self._show(stage, [])
 
