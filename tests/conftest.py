@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -83,12 +84,36 @@ def libpam_gate(tmp_path: Any) -> LibpamGate:
     return LibpamGate(tmp_path)
 
 
+def thread_count() -> int:
+    """The process's threads as the kernel counts them (phase threads of the
+    asyncio flavour are started below the threading module)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def settled_thread_count() -> int:
+    """The thread count once threads of earlier tests have finished exiting."""
+    previous, current = -1, thread_count()
+    deadline = time.monotonic() + 5
+    while current != previous and time.monotonic() < deadline:
+        time.sleep(0.05)
+        previous, current = current, thread_count()
+    return current
+
+
 def wait_for_thread_count(count: int, timeout: float = 10) -> int:
-    """Poll until at most ``count`` Python threads are alive; returns the number seen."""
+    """Poll until at most ``count`` threads are alive; returns the number seen."""
     deadline = time.monotonic() + timeout
-    while threading.active_count() > count and time.monotonic() < deadline:
+    while thread_count() > count and time.monotonic() < deadline:
         time.sleep(0.01)
-    return threading.active_count()
+    return thread_count()
+
+
+def readme_example(snippet: str) -> str:
+    """The example of the README's "Servers that cannot block" that contains ``snippet``."""
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Servers that cannot block")[1]
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if snippet in b]
+    return block
 
 
 def run_python(code: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,13 @@ import warnings
 import pytest
 
 import pamphlet
-from conftest import wait_for_thread_count
+from conftest import (
+    readme_example,
+    run_python,
+    settled_thread_count,
+    thread_count,
+    wait_for_thread_count,
+)
 from pamphlet import AsyncPamApplication
 
 
@@ -139,13 +145,13 @@ def test_a_failing_conversation_fails_closed(matrix):
 
 
 def test_cancelling_the_awaiting_task_ends_the_conversation(matrix):
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = matrix.app(WaitsForever, "bob")
         task = asyncio.create_task(app.authenticate())
         await app.asked.wait()
-        assert threading.active_count() == baseline + 1  # the phase's thread
+        assert thread_count() == baseline + 1  # the phase's thread
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -161,7 +167,7 @@ def test_cancelling_the_awaiting_task_ends_the_conversation(matrix):
 
 
 def test_timeouts_cancel_too(matrix):
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = matrix.app(WaitsForever, "bob")
@@ -178,7 +184,7 @@ def test_timeouts_cancel_too(matrix):
 
 
 def test_end_while_a_phase_waits_aborts_it(matrix):
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = matrix.app(WaitsForever, "bob")
@@ -255,7 +261,7 @@ FAILDELAY_STACK = (
 
 def test_failure_delay_is_awaited_on_the_loop_without_a_thread(make_service):
     service = make_service(FAILDELAY_STACK.format(delay=600_000), users={"bob": "secret"})
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = service.app(AsyncLogin, "bob", answers=["wrong"])
@@ -264,7 +270,7 @@ def test_failure_delay_is_awaited_on_the_loop_without_a_thread(make_service):
         while len(app.seen) == 0:
             await asyncio.sleep(0.001)
         # the phase's thread is gone while the task still waits out the delay
-        while threading.active_count() > baseline:
+        while thread_count() > baseline:
             await asyncio.sleep(0.001)
         assert not task.done()
         with pytest.raises(pamphlet.AuthenticationError):
@@ -279,7 +285,7 @@ def test_failure_delay_is_awaited_on_the_loop_without_a_thread(make_service):
 
 def test_failure_delay_libpam_policy_sleeps_on_the_thread(make_service):
     service = make_service(FAILDELAY_STACK.format(delay=400_000), users={"bob": "secret"})
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
 
     async def main():
         app = service.app(AsyncLogin, "bob", answers=["wrong"], fail_delay="libpam")
@@ -287,7 +293,7 @@ def test_failure_delay_libpam_policy_sleeps_on_the_thread(make_service):
         while len(app.seen) == 0:
             await asyncio.sleep(0.001)
         await asyncio.sleep(0.1)
-        threads_during_delay = threading.active_count()
+        threads_during_delay = thread_count()
         with pytest.raises(pamphlet.AuthenticationError):
             await task
         await app.end()
@@ -353,14 +359,16 @@ def test_a_thousand_logins_waiting_at_once_all_finish(make_service):
     """More logins wait on their users at once than any executor has workers."""
     count = 1000
     service = make_service(users={f"user{i}": f"pw{i}" for i in range(count)})
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
     waiting = []
     everyone_waits = asyncio.Event()
+    threads_while_all_wait = []
 
     class GatedLogin(AsyncPamApplication):
         async def conversation(self, messages):
             waiting.append(self)
             if len(waiting) == count:
+                threads_while_all_wait.append(thread_count())
                 everyone_waits.set()
             await everyone_waits.wait()
             index = int(self.user[4:])
@@ -376,22 +384,32 @@ def test_a_thousand_logins_waiting_at_once_all_finish(make_service):
             return True
 
     async def main():
-        peak = 0
+        logins = asyncio.gather(*(login(i) for i in range(count)))
+        return await asyncio.wait_for(logins, timeout=300)
 
-        async def sample():
-            nonlocal peak
-            while True:
-                peak = max(peak, threading.active_count())
-                await asyncio.sleep(0.01)
-
-        sampler = asyncio.create_task(sample())
-        results = await asyncio.wait_for(
-            asyncio.gather(*(login(i) for i in range(count))), timeout=300
-        )
-        sampler.cancel()
-        return results, peak
-
-    results, peak = run(main())
+    results = run(main())
     assert results == [bool(i % 4) for i in range(count)]
-    assert peak >= baseline + count  # every login had its own thread in libpam
+    # every login waited in its conversation with a thread of its own in libpam
+    assert threads_while_all_wait[0] >= baseline + count
     assert wait_for_thread_count(baseline) == baseline
+
+
+def test_readme_async_example():
+    proc = run_python(readme_example("class QueueLogin("))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Hello alice")
+    assert "'HOMEDIR': '/home/alice'" in proc.stdout
+
+
+def test_a_refused_phase_leaves_end_able_to_wait_for_the_running_one(matrix):
+    async def main():
+        app = matrix.app(WaitsForever, "bob")
+        task = asyncio.create_task(app.authenticate())
+        await app.asked.wait()
+        with pytest.raises(pamphlet.HandleBusyError):
+            await app.account_management()
+        await asyncio.wait_for(app.end(), timeout=30)
+        with pytest.raises(pamphlet.ConversationError):
+            await task
+
+    run(main())

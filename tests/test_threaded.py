@@ -13,7 +13,12 @@ import paramiko
 import pytest
 
 import pamphlet
-from conftest import wait_for_thread_count
+from conftest import (
+    readme_example,
+    run_python,
+    settled_thread_count,
+    wait_for_thread_count,
+)
 from pamphlet import ThreadedPamApplication
 
 DOCUMENT = pathlib.Path(__file__).parent.parent / "docs" / "api-document.md"
@@ -24,7 +29,7 @@ def start(service, user="bob", **kwargs):
 
 
 def test_document_flow_right_password(matrix):
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
     app = start(matrix)
     thread = app.authenticate()
     assert isinstance(thread, threading.Thread) and thread.is_alive()
@@ -113,7 +118,7 @@ def test_timeout_while_libpam_sleeps_its_failure_delay(make_service):
 
 
 def test_abort_releases_the_conversation_and_the_thread(matrix):
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
     app = start(matrix)
     thread = app.authenticate()
     assert app.get_data() == ["Password: "]
@@ -151,7 +156,7 @@ def test_abort_before_the_conversation_fails_it_when_it_comes(make_service, libp
 
 
 def test_end_aborts_a_pending_conversation(matrix):
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
     app = start(matrix)
     thread = app.authenticate()
     app.get_data()
@@ -331,7 +336,7 @@ def test_a_forgotten_application_is_ended_by_the_collector(matrix):
 
 
 def test_many_threaded_logins_leave_no_thread_behind(matrix):
-    baseline = threading.active_count()
+    baseline = settled_thread_count()
     apps = [start(matrix) for _ in range(50)]
     threads = [app.authenticate() for app in apps]
     for index, app in enumerate(apps):
@@ -385,3 +390,13 @@ def test_document_ssh_interface_fails_closed_when_the_stack_fails_at_once(make_s
         assert interface.check_auth_interactive("bob", "") == paramiko.AUTH_FAILED
     assert not interface.auth_thread.is_alive()
     interface.pam.end()
+
+
+@pytest.mark.parametrize(("answer", "printed"), [("secret", "logged in"), ("wrong", "refused: ")])
+def test_readme_threaded_example(answer, printed):
+    block = readme_example("pamphlet.ThreadedPamApplication(")
+    proc = run_python(block.replace('["secret" if', f'["{answer}" if'))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(printed)
+    if answer == "wrong":
+        assert "AuthenticationError" in proc.stdout

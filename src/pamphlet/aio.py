@@ -8,10 +8,12 @@ the loop, so no thread sits in libpam's sleep.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import functools
 import inspect
+import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
@@ -90,7 +92,8 @@ class AsyncPamApplication(PhaseThreads):
     after a failure: ``"asyncio"`` (the default) awaits it on the loop with
     the thread already released; ``"libpam"`` lets libpam sleep on the phase's
     thread; a callable ``policy(status, delay_usec) -> seconds`` decides
-    the seconds to await (see :func:`libpam_delay`, the default).
+    the seconds to await (see :func:`libpam_delay`, the default). The delay
+    counts from the moment libpam asked for it, at the end of the phase.
 
     Items and ``environ`` work from the loop between phases and while a phase
     waits for its conversation; while a phase is inside libpam they raise
@@ -120,7 +123,8 @@ class AsyncPamApplication(PhaseThreads):
                 'fail_delay must be "asyncio", "libpam" or a callable policy(status, delay_usec)'
             )
         self._delay_policy = policy
-        self._requested_delay: tuple[int, int] | None = None
+        # (status, delay_usec, when): what libpam asked for, and when
+        self._requested_delay: tuple[int, int, float] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished: asyncio.Future[Any] | None = None
         self._pending_answers: concurrent.futures.Future[Any] | None = None
@@ -179,8 +183,10 @@ class AsyncPamApplication(PhaseThreads):
             loop.call_soon_threadsafe(_settle, finished, (error, result))
 
         self._loop = loop
-        self._finished = finished
         self._start_thread(base, args, kwargs, report, ending=ending)
+        # (after the start: a refused start must not replace the running
+        # phase's future, which end() awaits; no await comes in between)
+        self._finished = finished
         try:
             error, result = await asyncio.shield(finished)
         except asyncio.CancelledError:
@@ -191,7 +197,9 @@ class AsyncPamApplication(PhaseThreads):
             raise
         requested, self._requested_delay = self._requested_delay, None
         if requested is not None and self._delay_policy is not None and not ending:
-            seconds = self._delay_policy(*requested)
+            status, delay_usec, requested_at = requested
+            # counted from when libpam asked, as its own sleep would have been
+            seconds = self._delay_policy(status, delay_usec) - (time.monotonic() - requested_at)
             if seconds > 0:
                 await asyncio.sleep(seconds)
         if error is not None:
@@ -201,11 +209,18 @@ class AsyncPamApplication(PhaseThreads):
     def _phase_starting(self) -> None:
         self._requested_delay = None
 
+    def _spawn(self, target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
+        # The low-level start: threading.Thread.start() waits until the new
+        # thread runs, which stalls the loop for as long as a thousand other
+        # threads keep the new one waiting for the GIL. The phase reports
+        # through its future; nothing joins the thread.
+        _thread.start_new_thread(target, args)
+
     def _fail_delay_called(self, status: int, delay_usec: int) -> None:
         if self._fail_delay is _await_on_the_loop:
             # libpam calls this on the phase's thread instead of sleeping
             # there; the phase's coroutine awaits the delay once the thread is gone.
-            self._requested_delay = (status, delay_usec)
+            self._requested_delay = (status, delay_usec, time.monotonic())
         else:  # the application set its own fail_delay since
             super()._fail_delay_called(status, delay_usec)
 
@@ -261,7 +276,8 @@ class AsyncPamApplication(PhaseThreads):
     async def end(self) -> None:  # type: ignore[override]  # a coroutine in this flavour
         """Abort a running phase, wait for its thread, then end as PamApplication does.
 
-        Runs on a thread of its own, as the phases do. end() does not
+        When a session or credentials are still open, closing them runs on a
+        thread of its own, as the phases do. end() does not
         converse: a module that speaks while end() closes the session gets
         PAM_CONV_ERR; close the session yourself first if it should be heard.
         """
@@ -274,7 +290,13 @@ class AsyncPamApplication(PhaseThreads):
             await asyncio.shield(running)
         if self._handle is None:
             return
-        await self._run_phase_on_thread(PamApplication.end, (), {}, ending=True)
+        if self._session_open or self._credentials_established:
+            # closing them runs modules, which may take their time: on a thread
+            await self._run_phase_on_thread(PamApplication.end, (), {}, ending=True)
+        else:
+            # only pam_end is left, which frees the handle: no thread needed
+            self._aborted = True
+            PamApplication.end(self)
 
     async def __aenter__(self: _T) -> _T:
         return self

@@ -187,7 +187,7 @@ class PhaseThreads(PamApplication):
         report: Report,
         *,
         ending: bool = False,
-    ) -> threading.Thread:
+    ) -> threading.Thread | None:
         """Start ``base(self, *args, **kwargs)`` on a new thread; ``report`` gets its outcome."""
         self._require_handle()
         with self._state:
@@ -203,21 +203,27 @@ class PhaseThreads(PamApplication):
             self._aborted = ending
             self._abort_reason = "the handle is being ended" if ending else ""
             self._phase_starting()
-        thread = threading.Thread(
-            target=self._phase_main,
-            args=(base, args, kwargs, report),
-            name=f"pamphlet-{getattr(base, '__name__', 'phase')}",
-            # A conversation nobody answers must not keep the interpreter from exiting.
-            daemon=True,
-        )
         try:
-            thread.start()
+            thread = self._spawn(
+                self._phase_main,
+                (base, args, kwargs, report),
+                f"pamphlet-{getattr(base, '__name__', 'phase')}",
+            )
         except BaseException:
             with self._state:
                 self._phase_running = False
                 self._state.notify_all()
             raise
         self._phase_thread = thread
+        return thread
+
+    def _spawn(
+        self, target: Callable[..., None], args: tuple[Any, ...], name: str
+    ) -> threading.Thread | None:
+        """Start a phase's thread; the Thread, if it can be joined."""
+        # A conversation nobody answers must not keep the interpreter from exiting.
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
         return thread
 
     def _phase_starting(self) -> None:
@@ -301,7 +307,9 @@ def on_a_thread(
             # core's acct_mgmt, initialize_credentials, end): run right here.
             base(self, *args, **kwargs)
             return threading.current_thread()
-        return self._start_thread(base, args, kwargs, self._report)
+        thread = self._start_thread(base, args, kwargs, self._report)
+        assert thread is not None  # ThreadedPamApplication's threads are threading.Threads
+        return thread
 
     functools.update_wrapper(start, base)
     start.__doc__ = (
