@@ -16,7 +16,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -91,7 +90,15 @@ def answer(page: Browser, label: str, value: str, shots: pathlib.Path, name: str
 
 
 def thread_names() -> list[str]:
-    return sorted(thread.name for thread in threading.enumerate())
+    """The OS threads of this process: pamphlet starts phase threads with the
+    low-level ``_thread`` module, which ``threading.enumerate`` does not list."""
+    names = []
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except FileNotFoundError:
+            pass  # the thread ended while we looked
+    return sorted(names)
 
 
 def recorded_session_stack(tmp_path: pathlib.Path) -> tuple[str, pathlib.Path]:
