@@ -563,6 +563,18 @@ def test_the_demo_command_logs_in_with_two_prompts(page, tmp_path):
         page.screenshot(tmp_path, "demo-welcome")
         page.click("Log out")
         assert page.notices() == [("info", "You have logged out.")]
+
+        # The demo's other user has an expired password: the flow goes on
+        # into the change, and only that user's (pam_succeed_if).
+        page.fill("User name", "olduser")
+        page.click("Continue")
+        answer(page, "Password:", DEMO_PASSWORD, tmp_path, "olduser-password")
+        answer(page, "Password:", DEMO_CODE, tmp_path, "olduser-code")
+        assert page.title == "Change your password"
+        answer(page, "Old password:", DEMO_PASSWORD, tmp_path, "olduser-old")
+        answer(page, "New Password :", "fresh-one", tmp_path, "olduser-new")
+        answer(page, "Verify New Password :", "fresh-one", tmp_path, "olduser-verify")
+        assert page.title == "Welcome, olduser"
     finally:
         err = stop_command(process)
     assert "Traceback" not in err

@@ -37,6 +37,8 @@ session  required {pam_matrix} passdb={passdb}
 
 def demo_service(name: str = "pamphlet-web-demo") -> TemporaryService:
     """The demo service; ``cleanup()`` it (or use ``with``) when done."""
+    # The stack names the codes file, which lives in the confdir that the
+    # service creates: the real service file is written once that file exists.
     service = TemporaryService("", users=dict.fromkeys(DEMO_USERS, DEMO_PASSWORD), name=name)
     # pam_matrix reads "user:secret:service" lines: a second file makes the
     # second prompt a separate factor. Its folder stays writable like the first.

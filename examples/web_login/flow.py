@@ -48,11 +48,15 @@ def _error(text: str) -> Message:
 class BrowserLogin(AsyncPamApplication):
     """Answers the PAM stack with whatever the browser sends for the flow."""
 
-    def __init__(self, flow: LoginFlow, service: str, user: str, **kwargs: object) -> None:
+    def __init__(
+        self, flow: LoginFlow, service: str, user: str, *, confdir: str | None = None
+    ) -> None:
         self._flow = flow
-        super().__init__(service, user, **kwargs)  # type: ignore[arg-type]
+        super().__init__(service, user, confdir=confdir)
 
-    async def conversation(self, messages: list[Message]) -> list[str]:
+    async def conversation(  # type: ignore[override]  # the async flavour of the contract
+        self, messages: list[Message]
+    ) -> list[str]:
         return await self._flow.converse(messages)
 
 
