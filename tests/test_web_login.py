@@ -1,0 +1,610 @@
+"""The web login example in a real headless browser, against real PAM stacks.
+
+Each test serves ``examples.web_login`` on 127.0.0.1 from a thread of this
+process (so it can look at the server's PAM transactions and thread count),
+drives Debian's Chromium through Selenium, and saves a screenshot of every
+page into its temporary folder.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import pathlib
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from examples.web_login import COOKIE, LoginFlow, Stage, WebLogin
+from examples.web_login.demo import DEMO_CODE, DEMO_PASSWORD
+
+from pamphlet.testing import TemporaryService
+from web_browser import Browser, ServerThread, wait_until
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+MATRIX_STACK = """\
+auth     required {pam_matrix} passdb={passdb} verbose
+account  required {pam_matrix} passdb={passdb}
+password required {pam_matrix} passdb={passdb}
+session  required {pam_matrix} passdb={passdb}
+"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    browser = Browser()
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Browser:
+    browser.reset()
+    browser.shots = 0
+    return browser
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    """``serve(service, **WebLogin options)``: the web login, stopped after the test."""
+    servers: list[ServerThread] = []
+
+    def start(service: TemporaryService, **options: Any) -> ServerThread:
+        server = ServerThread(WebLogin(service.name, confdir=service.confdir, **options))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def flows_of(server: ServerThread) -> list[LoginFlow]:
+    return server.call(lambda: list(server.login.flows.values()))
+
+
+def sign_in(page: Browser, server: ServerThread, user: str, shots: pathlib.Path) -> None:
+    page.get(server.url + "/")
+    assert page.title == "Sign in"
+    page.fill("User name", user)
+    page.screenshot(shots, "start")
+    page.click("Continue")
+
+
+def answer(page: Browser, label: str, value: str, shots: pathlib.Path, name: str) -> None:
+    page.fill(label, value)
+    page.screenshot(shots, name)
+    page.click("Continue")
+
+
+def thread_names() -> list[str]:
+    """The OS threads of this process: pamphlet starts phase threads with the
+    low-level ``_thread`` module, which ``threading.enumerate`` does not list."""
+    names = []
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except FileNotFoundError:
+            pass  # the thread ended while we looked
+    return sorted(names)
+
+
+def recorded_session_stack(tmp_path: pathlib.Path) -> tuple[str, pathlib.Path]:
+    """MATRIX_STACK plus pam_exec writing "open_session USER" / "close_session USER"
+    lines into the returned file: proof of which session calls really ran."""
+    log = tmp_path / "session-log"
+    script = tmp_path / "record-session.sh"
+    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER" >> {log}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return MATRIX_STACK + f"session required pam_exec.so {script}\n", log
+
+
+# -- the flows a user sees ------------------------------------------------------
+
+
+def test_right_password_opens_a_session_and_shows_its_environment(
+    page, serve, make_service, tmp_path
+):
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service)
+    sign_in(page, server, "bob", tmp_path)
+    cookie_before = page.cookie(COOKIE)
+
+    assert page.title == "Sign in"
+    assert "Signing in as bob" in page.text
+    assert page.fields() == [("Password:", "password")]
+    answer(page, "Password:", "secret", tmp_path, "password")
+
+    assert page.title == "Welcome, bob"
+    page.screenshot(tmp_path, "welcome")
+    # pam_matrix's "verbose" info message, shown as info, not lost.
+    assert page.notices() == [("info", "Authentication succeeded")]
+    # setcred and open_session ran: pam_matrix put these in the PAM environment.
+    assert "HOMEDIR /home/bob" in page.text
+    assert re.search(r"^CRED \S+", page.text, re.MULTILINE)
+    [flow] = flows_of(server)
+    assert flow.stage is Stage.WELCOME and not flow.app.ended
+
+    cookie = page.cookie(COOKIE)
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert len(cookie["value"]) >= 43  # 32 random bytes, urlsafe base64
+    # A new id after the login: the one the browser had before is worthless.
+    assert cookie["value"] != cookie_before["value"]
+    assert cookie_before["value"] not in server.call(lambda: dict(server.login.flows))
+
+
+def test_wrong_password_is_refused_after_a_delay_that_holds_no_thread(
+    page, serve, make_service, tmp_path
+):
+    stack = "auth optional pam_faildelay.so delay=2000000\n" + MATRIX_STACK
+    service = make_service(stack, users={"bob": "secret"})
+    server = serve(service)
+    threads_before = thread_names()
+    sign_in(page, server, "bob", tmp_path)
+    page.fill("Password:", "wrong")
+    page.screenshot(tmp_path, "wrong-password")
+    started = time.monotonic()
+    old_page = page.submit_soon()
+
+    # While libpam's delay runs, the failed login holds no thread of its own,
+    # and another browser is served at once.
+    wait_until(lambda: flows_of(server)[0].stage is Stage.WORKING, what="the POST to arrive")
+    time.sleep(0.5)
+    assert flows_of(server)[0].stage is Stage.WORKING, "the delay is over already"
+    assert thread_names() == threads_before
+    other = urllib.request.urlopen(server.url + "/", timeout=10)
+    assert b"<h1>Sign in</h1>" in other.read()
+    assert flows_of(server)[0].stage is Stage.WORKING, "the other request waited for the delay"
+
+    page.wait_for_new_page(old_page)
+    # libpam draws the delay at random, between half and one and a half times
+    # what was asked (_pam_compute_delay).
+    assert time.monotonic() - started >= 0.5 * 2.0
+    page.screenshot(tmp_path, "refused")
+    assert page.title == "Sign in"
+    assert page.notices() == [
+        ("error", "Authentication failed"),  # pam_matrix's own message
+        ("error", "Login incorrect."),
+    ]
+    assert page.field("User name").get_attribute("value") == "bob"
+    # The refused transaction is over: its handle is ended, its page was
+    # shown once, and the browser starts afresh.
+    assert flows_of(server) == []
+    assert "Traceback" not in page.source
+
+
+def test_two_prompt_stack_asks_one_page_at_a_time(page, serve, make_service, tmp_path):
+    service = make_service(users={"bob": "secret"})
+    codes = tmp_path / "codes" / "passdb"
+    codes.parent.mkdir()
+    codes.write_text(f"bob:271828:{service.name}\n")
+    service.add_service(
+        service.name,
+        f"auth required {{pam_matrix}} passdb={{passdb}} verbose\n"
+        f"auth required {{pam_matrix}} passdb={codes} echo\n"
+        + "\n".join(MATRIX_STACK.splitlines()[1:]),
+    )
+    server = serve(service)
+    sign_in(page, server, "bob", tmp_path)
+    assert page.fields() == [("Password:", "password")]
+    answer(page, "Password:", "secret", tmp_path, "first-prompt")
+
+    # The second module's prompt is echo-on: a text field. The first module's
+    # info message, which came in a conversation call of its own, is shown
+    # above it.
+    assert page.title == "Sign in"
+    assert page.fields() == [("Password:", "text")]
+    assert page.notices() == [("info", "Authentication succeeded")]
+    answer(page, "Password:", "271828", tmp_path, "second-prompt")
+    assert page.title == "Welcome, bob"
+    page.screenshot(tmp_path, "welcome")
+
+    # A wrong second answer fails the whole login.
+    page.click("Log out")
+    sign_in(page, server, "bob", tmp_path)
+    answer(page, "Password:", "secret", tmp_path, "first-again")
+    answer(page, "Password:", "000000", tmp_path, "wrong-code")
+    assert page.title == "Sign in"
+    assert ("error", "Login incorrect.") in page.notices()
+
+
+def test_a_stack_that_asks_nothing_logs_straight_in(page, serve, make_service, tmp_path):
+    service = make_service(
+        "\n".join(
+            f"{kind} required pam_permit.so" for kind in ("auth", "account", "password", "session")
+        )
+    )
+    server = serve(service)
+    sign_in(page, server, "carol", tmp_path)
+    assert page.title == "Welcome, carol"
+    assert "The PAM stack set no environment variables." in page.text
+    page.screenshot(tmp_path, "welcome")
+
+
+def test_expired_password_is_changed_in_the_same_flow(page, serve, make_service, tmp_path):
+    stack = MATRIX_STACK.replace("account ", "account  required pam_stress.so expired\naccount ", 1)
+    service = make_service(stack, users={"bob": "secret"})
+    server = serve(service)
+    sign_in(page, server, "bob", tmp_path)
+    answer(page, "Password:", "secret", tmp_path, "password")
+
+    # acct_mgmt said PAM_NEW_AUTHTOK_REQD: pam_chauthtok with
+    # PAM_CHANGE_EXPIRED_AUTHTOK converses next, one prompt per page.
+    assert page.title == "Change your password"
+    assert page.notices() == [
+        ("info", "Authentication succeeded"),
+        ("info", "Your password has expired. Choose a new one."),
+    ]
+    assert page.fields() == [("Old password:", "password")]
+    answer(page, "Old password:", "secret", tmp_path, "old-password")
+    assert page.fields() == [("New Password :", "password")]
+    answer(page, "New Password :", "n3w-secret", tmp_path, "new-password")
+    assert page.fields() == [("Verify New Password :", "password")]
+    answer(page, "Verify New Password :", "n3w-secret", tmp_path, "verify-password")
+
+    assert page.title == "Welcome, bob"
+    page.screenshot(tmp_path, "welcome")
+    assert service.password_of("bob") == "n3w-secret"
+
+
+def test_mismatched_new_passwords_end_the_login_with_the_modules_message(
+    page, serve, make_service, tmp_path
+):
+    stack = MATRIX_STACK.replace("account ", "account  required pam_stress.so expired\naccount ", 1)
+    service = make_service(stack, users={"bob": "secret"})
+    server = serve(service)
+    sign_in(page, server, "bob", tmp_path)
+    answer(page, "Password:", "secret", tmp_path, "password")
+    answer(page, "Old password:", "secret", tmp_path, "old-password")
+    answer(page, "New Password :", "one", tmp_path, "new-password")
+    answer(page, "Verify New Password :", "two", tmp_path, "verify-password")
+    page.screenshot(tmp_path, "refused")
+    assert page.title == "Sign in"
+    notices = page.notices()
+    assert ("error", "Passwords do not match") in notices
+    assert notices[-1][0] == "error"
+    assert notices[-1][1].startswith("Your password was not changed: ")
+    assert service.password_of("bob") == "secret"
+    assert flows_of(server) == []
+
+
+def test_logout_closes_the_session_and_ends_the_handle(page, serve, make_service, tmp_path):
+    stack, marker = recorded_session_stack(tmp_path)
+    service = make_service(stack, users={"bob": "secret"})
+    server = serve(service)
+    threads_before = thread_names()
+    sign_in(page, server, "bob", tmp_path)
+    answer(page, "Password:", "secret", tmp_path, "password")
+    assert page.title == "Welcome, bob"
+    assert marker.read_text() == "open_session bob\n"
+    [flow] = flows_of(server)
+
+    page.click("Log out")
+    page.screenshot(tmp_path, "logged-out")
+    assert page.title == "Sign in"
+    assert page.notices() == [("info", "You have logged out.")]
+    assert marker.read_text() == "open_session bob\nclose_session bob\n"
+    assert flow.app.ended
+    assert flows_of(server) == []
+    wait_until(lambda: thread_names() == threads_before, what="the PAM threads to finish")
+
+    # The old page's form is now stale: going back and posting it does nothing.
+    page.driver.back()
+    page.get(server.url + "/")
+    assert page.title == "Sign in"
+
+
+def test_abandoned_login_is_released_after_the_timeout(page, serve, make_service, tmp_path):
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service, login_timeout=1.0)
+    threads_before = thread_names()
+    sign_in(page, server, "bob", tmp_path)
+    assert page.fields() == [("Password:", "password")]
+    [flow] = flows_of(server)
+    assert flow.stage is Stage.ASKING and not flow.app.ended
+    # While the form is open, the PAM phase waits inside libpam on its thread.
+    assert len(thread_names()) > len(threads_before)
+
+    # The user closes the tab: nothing more comes from this browser.
+    page.driver.switch_to.new_window("tab")
+    first, second = page.driver.window_handles
+    page.driver.switch_to.window(first)
+    page.driver.close()
+    page.driver.switch_to.window(second)
+
+    wait_until(lambda: flow.app.ended, timeout=20, what="the handle to be ended")
+    assert flow.stage is Stage.EXPIRED
+    assert flow.task.done()
+    wait_until(lambda: thread_names() == threads_before, what="the PAM thread to finish")
+
+    # Coming back later in another tab: the browser is told, and starts again.
+    page.get(server.url + "/")
+    page.screenshot(tmp_path, "timed-out")
+    assert page.title == "Sign in"
+    assert page.notices() == [
+        ("error", "Your sign-in timed out and was cancelled. Please start again.")
+    ]
+    assert flows_of(server) == []
+
+
+def test_idle_session_is_closed_after_the_session_timeout(page, serve, make_service, tmp_path):
+    stack, marker = recorded_session_stack(tmp_path)
+    service = make_service(stack, users={"bob": "secret"})
+    server = serve(service, session_timeout=1.0)
+    sign_in(page, server, "bob", tmp_path)
+    answer(page, "Password:", "secret", tmp_path, "password")
+    assert page.title == "Welcome, bob"
+    [flow] = flows_of(server)
+    wait_until(lambda: flow.app.ended, timeout=20, what="the idle session to be ended")
+    assert marker.read_text() == "open_session bob\nclose_session bob\n"
+    page.get(server.url + "/")
+    assert page.title == "Sign in"
+    assert "timed out" in page.notices()[0][1]
+
+
+def test_a_slow_stack_shows_a_page_that_waits_for_it(page, serve, make_service, tmp_path):
+    service = make_service(
+        "auth required pam_exec.so /bin/sleep 2\n"
+        + "\n".join(f"{kind} required pam_permit.so" for kind in ("auth", "account", "session"))
+    )
+    server = serve(service, wait_timeout=0.3)
+    sign_in(page, server, "carol", tmp_path)
+    # One read of the whole page: it reloads itself every second.
+    source = page.source
+    assert "<h1>Sign in</h1>" in source
+    assert "Please wait: the PAM stack is still working." in source
+    page.screenshot(tmp_path, "please-wait")
+    # The page refreshes itself until the stack is done.
+    wait_until(lambda: "<h1>Welcome, carol</h1>" in page.source, what="the welcome page")
+
+
+def test_cancel_releases_the_login(page, serve, make_service, tmp_path):
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service)
+    sign_in(page, server, "bob", tmp_path)
+    [flow] = flows_of(server)
+    page.click("Cancel")
+    assert page.title == "Sign in"
+    assert flow.app.ended
+    assert flows_of(server) == []
+
+
+# -- what a browser must not see or be able to do -------------------------------
+
+
+class Client:
+    """A plain HTTP client with a cookie jar and no redirects followed."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any) -> None:
+                return None
+
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(self.jar), NoRedirect
+        )
+
+    def request(self, path: str, form: dict[str, str] | None = None) -> tuple[int, str, Any]:
+        data = None if form is None else urllib.parse.urlencode(form).encode()
+        try:
+            with self.opener.open(self.base + path, data=data, timeout=30) as response:
+                return response.status, response.read().decode(), response.headers
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(), error.headers
+
+    def csrf(self) -> str:
+        status, body, _headers = self.request("/")
+        match = re.search(r'name="csrf" value="([0-9a-f]+)"', body)
+        assert status == 200 and match, body
+        return match.group(1)
+
+
+def test_forms_need_the_csrf_token_of_their_own_cookie(serve, make_service):
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service)
+    client, other = Client(server.url), Client(server.url)
+    token, other_token = client.csrf(), other.csrf()
+    assert token != other_token
+
+    status, body, headers = client.request("/", None)
+    assert "HttpOnly" in str(headers.get("Set-Cookie", "HttpOnly"))
+    for form in ({"username": "bob"}, {"username": "bob", "csrf": other_token}):
+        status, body, headers = client.request("/login", form)
+        assert status == 403
+        assert "<h1>Form expired</h1>" in body
+        assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert flows_of(server) == []  # no PAM transaction was started
+
+    status, body, headers = client.request("/login", {"username": "bob", "csrf": token})
+    assert status == 303 and headers["Location"] == "/"
+    [flow] = flows_of(server)
+    assert flow.stage is Stage.ASKING
+    # Answers need the token too, and the step of the question they answer.
+    status, body, _headers = client.request("/answer", {"step": "1", "answer-0": "secret"})
+    assert status == 403
+    status, body, _headers = client.request(
+        "/answer", {"step": "7", "answer-0": "secret", "csrf": token}
+    )
+    assert status == 303 and flow.stage is Stage.ASKING
+    status, body, _headers = client.request(
+        "/answer", {"step": str(flow.step), "answer-0": "secret", "csrf": token}
+    )
+    assert status == 303
+    assert flow.stage is Stage.WELCOME
+
+
+def test_an_answer_with_a_nul_byte_fails_closed(serve, make_service):
+    # A browser cannot type NUL, but a forged form can send %00. Truncated at
+    # the NUL, "secret\0junk" would be the right password: it must fail.
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service)
+    client = Client(server.url)
+    token = client.csrf()
+    client.request("/login", {"username": "bob", "csrf": token})
+    [flow] = flows_of(server)
+    status, _body, _headers = client.request(
+        "/answer", {"step": str(flow.step), "answer-0": "secret\0junk", "csrf": token}
+    )
+    assert status == 303
+    status, body, _headers = client.request("/")
+    assert "Login incorrect." in body and "Welcome" not in body
+    assert flow.app.ended
+
+
+def test_first_cookie_is_httponly_and_samesite_strict(serve, make_service):
+    server = serve(make_service(MATRIX_STACK, users={"bob": "secret"}))
+    with urllib.request.urlopen(server.url + "/", timeout=10) as response:
+        cookie = response.headers["Set-Cookie"]
+        assert response.headers["Cache-Control"] == "no-store"
+    assert cookie.startswith(f"{COOKIE}=")
+    attributes = {part.strip().lower() for part in cookie.split(";")[1:]}
+    assert {"httponly", "samesite=strict", "path=/"} <= attributes
+
+
+def test_errors_never_show_a_traceback(page, serve, make_service, tmp_path, monkeypatch):
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service)
+
+    # A bug while rendering a page: the browser gets a sentence, the log the rest.
+    from examples.web_login import pages
+
+    def broken_welcome_page(*args: Any) -> str:
+        raise RuntimeError("internal detail 0xdeadbeef")
+
+    monkeypatch.setattr(pages, "welcome_page", broken_welcome_page)
+    sign_in(page, server, "bob", tmp_path)
+    answer(page, "Password:", "secret", tmp_path, "password")
+    page.screenshot(tmp_path, "server-error")
+    assert page.title == "Something went wrong"
+    assert "0xdeadbeef" not in page.source and "Traceback" not in page.source
+    monkeypatch.undo()
+
+    # A bug inside the PAM flow: the login fails closed and the handle ends.
+    from examples.web_login.flow import BrowserLogin
+
+    async def broken_open_session(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("internal detail 0xfeedface")
+
+    page.reset()
+    monkeypatch.setattr(BrowserLogin, "open_session", broken_open_session)
+    sign_in(page, server, "bob", tmp_path)
+    [flow] = [flow for flow in flows_of(server) if flow.stage is Stage.ASKING]
+    answer(page, "Password:", "secret", tmp_path, "password-again")
+    page.screenshot(tmp_path, "flow-error")
+    assert page.title == "Sign in"
+    assert page.notices()[-1] == ("error", "Something went wrong on our side. Please try again.")
+    assert "0xfeedface" not in page.source and "Traceback" not in page.source
+    assert flow.app.ended
+
+    status, body, _headers = Client(server.url).request("/no/such/page")
+    assert status == 404 and "Traceback" not in body
+
+
+# -- the command of the README --------------------------------------------------
+
+
+def start_command(*arguments: str) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "examples.web_login", "--port", "0", *arguments],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        match = re.search(r"on (http://127\.0\.0\.1:\d+)/", line)
+        if match:
+            return process, match.group(1)
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    raise AssertionError(f"the server did not start: {process.communicate()}")
+
+
+def stop_command(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    return err
+
+
+def test_the_demo_command_logs_in_with_two_prompts(page, tmp_path):
+    process, url = start_command()
+    try:
+        page.get(url + "/")
+        page.fill("User name", "demo")
+        page.screenshot(tmp_path, "demo-start")
+        page.click("Continue")
+        assert page.notices() == [("info", "Hello demo: this page asks what the PAM stack asks.")]
+        answer(page, "Password:", DEMO_PASSWORD, tmp_path, "demo-password")
+        assert page.fields() == [("Password:", "text")]
+        answer(page, "Password:", DEMO_CODE, tmp_path, "demo-code")
+        assert page.title == "Welcome, demo"
+        page.screenshot(tmp_path, "demo-welcome")
+        page.click("Log out")
+        assert page.notices() == [("info", "You have logged out.")]
+
+        # The demo's other user has an expired password: the flow goes on
+        # into the change, and only that user's (pam_succeed_if).
+        page.fill("User name", "olduser")
+        page.click("Continue")
+        answer(page, "Password:", DEMO_PASSWORD, tmp_path, "olduser-password")
+        answer(page, "Password:", DEMO_CODE, tmp_path, "olduser-code")
+        assert page.title == "Change your password"
+        answer(page, "Old password:", DEMO_PASSWORD, tmp_path, "olduser-old")
+        answer(page, "New Password :", "fresh-one", tmp_path, "olduser-new")
+        answer(page, "Verify New Password :", "fresh-one", tmp_path, "olduser-verify")
+        assert page.title == "Welcome, olduser"
+    finally:
+        err = stop_command(process)
+    assert "Traceback" not in err
+
+
+def test_the_command_with_a_service_and_confdir(page, make_service, tmp_path):
+    stack, marker = recorded_session_stack(tmp_path)
+    service = make_service(stack, users={"bob": "secret"})
+    process, url = start_command("--service", service.name, "--confdir", service.confdir)
+    try:
+        page.get(url + "/")
+        page.fill("User name", "bob")
+        page.click("Continue")
+        answer(page, "Password:", "secret", tmp_path, "password")
+        assert page.title == "Welcome, bob"
+        assert marker.read_text() == "open_session bob\n"
+    finally:
+        err = stop_command(process)
+    # Stopping the server with a session open closes it and ends the handle.
+    assert marker.read_text() == "open_session bob\nclose_session bob\n"
+    assert "Traceback" not in err and "never ended" not in err
+
+
+def test_readme_shows_the_command_and_its_options_exist():
+    from examples.web_login.__main__ import parse_arguments
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## A web login") :]
+    commands = re.findall(r"^python3? -m examples\.web_login.*$", section, re.MULTILINE)
+    assert commands, "the README's web login section shows no command"
+    for command in commands:
+        arguments = command.split()[3:]
+        parse_arguments([arg for arg in arguments if not arg.startswith("[")])
