@@ -48,7 +48,11 @@ def _load(name: str, fallback: str, what: str) -> ctypes.CDLL:
 
 
 _pam = _load("pam", "libpam.so.0", "the system's PAM library")
-_libc = _load("c", "libc.so.6", "the C library")
+# calloc and free are looked up in the process's global scope, as libpam and
+# its modules look up the free() they call on our answers: with an allocator
+# preloaded (jemalloc, glibc's malloc checker), libc.so.6's own calloc would
+# hand them memory that the preloaded free() cannot free.
+_libc = ctypes.CDLL(None)
 
 
 class PamMessage(Structure):
