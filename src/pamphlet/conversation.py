@@ -136,14 +136,16 @@ def _converse(owner: Conversant, num_msg: int, msg: Any, resp: Any) -> int:
                 f"a module sent a message of unknown style {style}"
             ) from None
         messages.append(message)
+    # Linux-PAM modules (pam_matrix among them) pass resp == NULL when they
+    # only show messages. A question with nowhere to put the answer is
+    # refused before the user is asked: a typed secret would go nowhere.
+    null_resp = _libpam.is_null(resp)
+    if null_resp and any(message.is_prompt for message in messages):
+        raise ConversationProtocolError(
+            "a module asked a question but gave no place for the answer"
+        )
     encoded = encode_answers(messages, owner._answer(messages), encoding)
-    if _libpam.is_null(resp):
-        # Linux-PAM modules (pam_matrix among them) pass resp == NULL when
-        # they only show messages. Then there must be nothing to answer.
-        if any(message.is_prompt for message in messages):
-            raise ConversationProtocolError(
-                "a module asked a question but gave no place for the answer"
-            )
+    if null_resp:
         return _SUCCESS
     if not _libpam.write_responses(resp, encoded):
         raise MemoryError("could not allocate the conversation's responses")
