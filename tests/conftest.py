@@ -49,6 +49,24 @@ def matrix(make_service: Callable[..., TemporaryService]) -> TemporaryService:
     return make_service(users={"bob": "secret", "alice": "wonder"})
 
 
+@pytest.fixture(scope="session")
+def scripted_module_path(tmp_path_factory: Any) -> str:
+    """Our own test module, pam_scripted.so, built once per run (gcc, libpam0g-dev)."""
+    import hostile_module
+
+    return hostile_module.build(tmp_path_factory.mktemp("pam_scripted"))
+
+
+@pytest.fixture
+def scripted(scripted_module_path: str) -> Iterator[Any]:
+    """A ``hostile_module.ScriptedModule``: stack lines that run conversation scripts."""
+    import hostile_module
+
+    module = hostile_module.ScriptedModule(scripted_module_path)
+    yield module
+    module.cleanup()
+
+
 def run_python(code: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run code in a fresh interpreter (where a crash would kill it, not pytest)."""
     return subprocess.run(
