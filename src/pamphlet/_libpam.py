@@ -8,7 +8,6 @@ libc's allocator; memory libpam hands over is copied and freed here.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 from ctypes import (
     CFUNCTYPE,
@@ -34,24 +33,32 @@ class LibPamNotFoundError(ImportError):
     """The system's libpam could not be loaded."""
 
 
-def _load(name: str, fallback: str, what: str) -> ctypes.CDLL:
-    path = ctypes.util.find_library(name) or fallback
+def _load_libpam() -> ctypes.CDLL:
+    # Linux-PAM's soname first: ctypes.util.find_library runs ldconfig in a
+    # subprocess and imports subprocess, shutil and a dozen extension modules;
+    # every shared object loaded makes each later dlopen of a PAM module (one
+    # per stack line, every transaction) search a longer list.
     try:
-        return ctypes.CDLL(path, use_errno=False)
+        return ctypes.CDLL("libpam.so.0")
+    except OSError:
+        pass
+    from ctypes.util import find_library
+
+    path = find_library("pam") or "libpam.so"
+    try:
+        return ctypes.CDLL(path)
     except OSError as exc:
         raise LibPamNotFoundError(
-            f"pamphlet needs {what} ({path!r} could not be loaded: {exc}); "
-            "on Debian and Ubuntu it comes with the package libpam0g"
-            if name == "pam"
-            else f"pamphlet needs {what} ({path!r}: {exc})"
+            f"pamphlet needs the system's PAM library ({path!r} could not be loaded: "
+            f"{exc}); on Debian and Ubuntu it comes with the package libpam0g"
         ) from exc
 
 
-_pam = _load("pam", "libpam.so.0", "the system's PAM library")
+_pam = _load_libpam()
 # calloc and free are looked up in the process's global scope, as libpam and
 # its modules look up the free() they call on our answers: with an allocator
-# preloaded (jemalloc, glibc's malloc checker), libc.so.6's own calloc would
-# hand them memory that the preloaded free() cannot free.
+# preloaded (jemalloc, tcmalloc), libc.so.6's own calloc would hand them
+# memory that the preloaded free() cannot free.
 _libc = ctypes.CDLL(None)
 
 
