@@ -22,6 +22,7 @@ PAM_RADIO_TYPE = MessageStyle.RADIO_TYPE
 PAM_BINARY_PROMPT = MessageStyle.BINARY_PROMPT
 
 _PROMPTS = frozenset((PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_RADIO_TYPE))
+_STYLES = {int(style): style for style in MessageStyle}
 
 
 class Message(str):
@@ -35,7 +36,9 @@ class Message(str):
 
     def __new__(cls, text: str, style: int = PAM_TEXT_INFO) -> Message:
         self = super().__new__(cls, text)
-        self.style = MessageStyle(style)
+        # A dict lookup: calling the enum costs several Python frames per message.
+        known = _STYLES.get(style) if type(style) is int else None
+        self.style = MessageStyle(style) if known is None else known
         return self
 
     @property
