@@ -27,7 +27,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 VENV = HERE / ".venv"
 BUILD = HERE / ".build"
-PEERS = ["python-pam", "pamela"]
+# The contenders that cannot take a confdir: they need the service in /etc/pam.d.
+PEERS = ["python-pam", "pamela", "ctypes-floor"]
 BENCH_PACKAGES = ["python-pam", "pamela", "pyinstrument"]
 
 USER, PASSWORD = "bench", "bench-secret"
@@ -46,7 +47,7 @@ def ensure_venv() -> None:
         return
     python = VENV / "bin" / "python"
     if not python.exists():
-        print(f"making {VENV} (pamphlet from this checkout, {', '.join(PEERS)})", file=sys.stderr)
+        print(f"making {VENV} (pamphlet from this checkout, python-pam, pamela)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         subprocess.run([*pip, "-e", str(ROOT), *BENCH_PACKAGES], check=True)

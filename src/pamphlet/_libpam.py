@@ -298,10 +298,9 @@ def getenvlist(handle: c_void_p) -> list[bytes] | None:
 
 _POINTER_SIZE = ctypes.sizeof(c_void_p)
 _RESPONSE_SIZE = ctypes.sizeof(PamResponse)
-# resp is pam_response's first field: response i's pointer is slot
-# i * _RESPONSE_STRIDE of the array read as an array of pointers.
-_RESPONSE_STRIDE = _RESPONSE_SIZE // _POINTER_SIZE
-assert PamResponse.resp.offset == 0 and _RESPONSE_SIZE % _POINTER_SIZE == 0
+# resp is pam_response's first field: response i's pointer is at
+# array + i * _RESPONSE_SIZE.
+assert PamResponse.resp.offset == 0
 _pointer_at = c_void_p.from_address
 _message_at = PamMessage.from_address
 
@@ -312,7 +311,8 @@ def read_messages(num_msg: int, msg: int) -> list[tuple[int, bytes]]:
     ``msg`` is the address of the module's array of ``num_msg`` message pointers.
     """
     out = []
-    for address in (c_void_p * num_msg).from_address(msg):
+    for i in range(num_msg):
+        address = _pointer_at(msg + i * _POINTER_SIZE).value
         if not address:
             raise ValueError("a module passed a NULL message pointer")
         message = _message_at(address)
@@ -330,7 +330,6 @@ def write_responses(resp: int, answers: list[bytes | None]) -> bool:
     array_address = _calloc(count, _RESPONSE_SIZE)
     if not array_address:
         return False
-    slots = (c_void_p * (count * _RESPONSE_STRIDE)).from_address(array_address)
     for i, answer in enumerate(answers):
         if answer is None:
             continue
@@ -341,15 +340,14 @@ def write_responses(resp: int, answers: list[bytes | None]) -> bool:
         if not copy:
             free_responses(array_address, i)
             return False
-        slots[i * _RESPONSE_STRIDE] = copy
+        _pointer_at(array_address + i * _RESPONSE_SIZE).value = copy
     _pointer_at(resp).value = array_address
     return True
 
 
 def free_responses(array_address: int, count: int) -> None:
-    slots = (c_void_p * (count * _RESPONSE_STRIDE)).from_address(array_address)
     for i in range(count):
-        copy = slots[i * _RESPONSE_STRIDE]
+        copy = _pointer_at(array_address + i * _RESPONSE_SIZE).value
         if copy:
             ctypes.memset(copy, 0, len(_string_at(copy)))
             _free(copy)

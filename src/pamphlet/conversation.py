@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from . import _libpam
 from .constants import PAM_MAX_NUM_MSG, ReturnCode
-from .message import PAM_BINARY_PROMPT, Message
+from .message import PAM_BINARY_PROMPT, PROMPT_STYLES, Message
 
 __all__ = ["Conversant", "ConversationProtocolError", "register", "unregister"]
 
@@ -92,7 +92,7 @@ def encode_answers(messages: list[Message], answers: Any, encoding: str) -> list
         )
     encoded: list[bytes | None] = []
     for index, (message, answer) in enumerate(zip(messages, answers, strict=True)):
-        is_prompt = message.is_prompt
+        is_prompt = message.style in PROMPT_STYLES  # is_prompt without a property frame
         if isinstance(answer, str):
             data = answer.encode(encoding, "surrogateescape")
         elif type(answer) is bytes:
