@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,6 +68,70 @@ def scripted(scripted_module_path: str) -> Iterator[Any]:
     module = hostile_module.ScriptedModule(scripted_module_path)
     yield module
     module.cleanup()
+
+
+class LibpamGate:
+    """A pam_exec script that holds a phase inside libpam (not in its conversation)
+    until the test opens the gate: a deterministic "the phase is busy in a module"."""
+
+    def __init__(self, directory: Any) -> None:
+        self.entered = directory / "gate-entered"
+        self.opened = directory / "gate-open"
+        self.script = directory / "gate.sh"
+        self.script.write_text(
+            f"#!/bin/sh\ntouch {self.entered}\nwhile [ ! -e {self.opened} ]; do sleep 0.01; done\n"
+        )
+        self.script.chmod(0o755)
+
+    def line(self, kind: str = "auth") -> str:
+        return f"{kind} required pam_exec.so {self.script}"
+
+    def wait_entered(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.entered.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError("the PAM phase never reached the gate")
+            time.sleep(0.01)
+
+    def open(self) -> None:
+        self.opened.touch()
+
+
+@pytest.fixture
+def libpam_gate(tmp_path: Any) -> LibpamGate:
+    return LibpamGate(tmp_path)
+
+
+def thread_count() -> int:
+    """The process's threads as the kernel counts them (phase threads of the
+    asyncio flavour are started below the threading module)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def settled_thread_count() -> int:
+    """The thread count once threads of earlier tests have finished exiting."""
+    previous, current = -1, thread_count()
+    deadline = time.monotonic() + 5
+    while current != previous and time.monotonic() < deadline:
+        time.sleep(0.05)
+        previous, current = current, thread_count()
+    return current
+
+
+def wait_for_thread_count(count: int, timeout: float = 10) -> int:
+    """Poll until at most ``count`` threads are alive; returns the number seen."""
+    deadline = time.monotonic() + timeout
+    while thread_count() > count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return thread_count()
+
+
+def readme_example(snippet: str) -> str:
+    """The example of the README's "Servers that cannot block" that contains ``snippet``."""
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Servers that cannot block")[1]
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if snippet in b]
+    return block
 
 
 def run_python(code: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,7 @@ Subclass :class:`PamApplication`, write ``conversation``, call the phases.
 
 from __future__ import annotations
 
+from .aio import AsyncPamApplication, FailDelayPolicy, libpam_delay
 from .application import FailDelay, PamAplication, PamApplication
 from .constants import (
     PAM_MAX_MSG_SIZE,
@@ -62,6 +63,12 @@ from .message import (
     PAM_TEXT_INFO,
     Message,
 )
+from .threaded import (
+    ConversationAborted,
+    ConversationStateError,
+    HandleBusyError,
+    ThreadedPamApplication,
+)
 
 __version__ = "0.1.0"
 
@@ -70,6 +77,13 @@ __all__ = [
     "PamAplication",
     "PamApplication",
     "PamEnvironment",
+    "ThreadedPamApplication",
+    "AsyncPamApplication",
+    "FailDelayPolicy",
+    "libpam_delay",
+    "HandleBusyError",
+    "ConversationAborted",
+    "ConversationStateError",
     "Flag",
     "Item",
     "MessageStyle",

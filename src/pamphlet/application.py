@@ -345,9 +345,13 @@ class PamApplication:
             # Weak references may already be gone in a cyclic collection; the
             # conversation must still find this object while end() runs.
             conversation.reregister(self._key, self)
-            self.end()
+            self._end_in_finalizer()
         except BaseException:
             pass
+
+    def _end_in_finalizer(self) -> None:
+        """How __del__ ends the handle; a flavour whose end() is a coroutine overrides it."""
+        self.end()
 
     def __repr__(self) -> str:
         if self._handle is None:

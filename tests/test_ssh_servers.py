@@ -1,0 +1,294 @@
+"""The two example SSH servers, logged into with the real OpenSSH client.
+
+ssh runs without a terminal (setsid, stdin from /dev/null); SSH_ASKPASS
+(tests/askpass.py) answers its keyboard-interactive prompts and records them.
+The servers authenticate against pam_matrix stacks in throwaway confdirs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import paramiko
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+ASKPASS = pathlib.Path(__file__).parent / "askpass.py"
+SERVERS = {
+    "paramiko": ROOT / "examples" / "ssh_server.py",
+    "asyncssh": ROOT / "examples" / "asyncssh_server.py",
+}
+
+STACK = """\
+auth optional pam_echo.so Welcome to pamphlet, %u
+auth required {pam_matrix} passdb={passdb} verbose
+account required {pam_matrix} passdb={passdb}
+password required {pam_matrix} passdb={passdb}
+session required {pam_matrix} passdb={passdb}
+session optional pam_echo.so Your session, %u
+"""
+
+
+class Server:
+    """An example server in a subprocess, listening on a free port."""
+
+    def __init__(self, script: pathlib.Path, service, log: pathlib.Path) -> None:
+        self.log = log
+        self.stderr = open(log, "w")  # noqa: SIM115 - closed in stop()
+        command = [sys.executable, str(script), "--port", "0", "--service", service.name]
+        command += ["--confdir", service.confdir]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+        )
+        line = self.process.stdout.readline()
+        if not line.startswith("listening on 127.0.0.1:"):
+            self.stop()
+            raise AssertionError(f"the server did not start: {line!r}\n{log.read_text()}")
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/task"))
+
+    def wait_for_threads(self, count: int, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while self.threads() != count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.threads()
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while self.log.read_text().count(text) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.stderr.close()
+
+
+class Ssh:
+    """The OpenSSH client, answering prompts through askpass."""
+
+    def __init__(self, port: int, directory: pathlib.Path) -> None:
+        self.port = port
+        self.directory = directory
+        self.runs = 0
+
+    def command(self, user: str) -> list[str]:
+        return [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-p",
+            str(self.port),
+            "-o",
+            "PreferredAuthentications=keyboard-interactive",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+            "-o",
+            "ConnectTimeout=30",
+            f"{user}@127.0.0.1",
+            "hello",
+        ]
+
+    def start(self, user: str, answers: list[str]) -> tuple[subprocess.Popen[str], pathlib.Path]:
+        self.runs += 1
+        log = self.directory / f"askpass-{self.runs}.log"
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("DISPLAY", "SSH_AUTH_SOCK", "WAYLAND_DISPLAY")
+        }
+        env.update(
+            SSH_ASKPASS=str(ASKPASS),
+            SSH_ASKPASS_REQUIRE="force",
+            ASKPASS_LOG=str(log),
+            ASKPASS_ANSWERS=json.dumps(answers),
+        )
+        process = subprocess.Popen(
+            self.command(user),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,  # no controlling terminal: ssh uses askpass
+        )
+        return process, log
+
+    def run(self, user: str, answers: list[str]) -> tuple[subprocess.CompletedProcess[str], list]:
+        process, log = self.start(user, answers)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+        asked = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), asked
+
+
+@pytest.fixture(params=sorted(SERVERS))
+def server_script(request):
+    if shutil.which("ssh") is None:
+        pytest.fail("the OpenSSH client is missing: apt-get install openssh-client")
+    return SERVERS[request.param]
+
+
+@pytest.fixture
+def login(server_script, make_service, tmp_path):
+    """``login(stack) -> (server, ssh)`` with users bob:secret and alice:wonder."""
+    started = []
+
+    def start(stack: str = STACK):
+        service = make_service(stack, users={"bob": "secret", "alice": "wonder"})
+        server = Server(server_script, service, tmp_path / "server.log")
+        started.append(server)
+        return server, Ssh(server.port, tmp_path)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_right_password_logs_in_and_runs_the_session(login):
+    server, ssh = login()
+    result, asked = ssh.run("bob", ["secret"])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Hello bob"
+    assert "HOMEDIR=/home/bob" in lines  # set by pam_matrix's open_session
+    assert any(line.startswith("CRED=") for line in lines)  # and by its setcred
+    # the info messages were shown, not asked
+    assert asked == ["(bob@127.0.0.1) Password: "]
+    assert "Welcome to pamphlet, bob" in result.stderr
+    assert "Authentication succeeded" in result.stderr
+    assert "Your session, bob" in result.stderr  # said by a session module
+    # the channel closed: the session was closed and the handle ended
+    assert "PAM handle of bob ended" in server.wait_for_log("PAM handle of bob ended")
+
+
+def test_wrong_password_is_refused(login):
+    server, ssh = login()
+    result, asked = ssh.run("bob", ["wonder"])
+    assert result.returncode == 255
+    assert "Permission denied" in result.stderr
+    assert "Hello" not in result.stdout
+    assert "Authentication failed" in result.stderr  # pam_matrix's error message, shown
+    assert asked == ["(bob@127.0.0.1) Password: "]
+    log = server.wait_for_log("PAM handle of bob ended")
+    assert "AuthenticationError" in log
+
+
+def test_unknown_user_is_refused(login):
+    _, ssh = login()
+    result, _ = ssh.run("mallory", ["secret"])
+    assert result.returncode == 255
+    assert "Hello" not in result.stdout
+
+
+def test_account_management_can_refuse_after_a_right_password(login):
+    stack = STACK.replace(
+        "account required {pam_matrix} passdb={passdb}",
+        "account required pam_debug.so acct=perm_denied",
+    )
+    server, ssh = login(stack)
+    result, asked = ssh.run("bob", ["secret"])
+    assert result.returncode == 255
+    assert "Hello" not in result.stdout
+    assert asked == ["(bob@127.0.0.1) Password: "]
+    assert "acct" in result.stderr  # pam_debug's message during account management
+    assert "PermissionDenied" in server.wait_for_log("PermissionDenied")
+
+
+def second_factor_stack(tmp_path: pathlib.Path) -> str:
+    tokens = tmp_path / "tokens" / "passdb"
+    tokens.parent.mkdir()
+    tokens.write_text("bob:424242:pamphlet-test\n")
+    return STACK.replace(
+        "auth required {pam_matrix} passdb={passdb} verbose\n",
+        "auth required {pam_matrix} passdb={passdb}\n"
+        f"auth required {{pam_matrix}} passdb={tokens} echo verbose\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("answers", "logged_in"),
+    [(["secret", "424242"], True), (["secret", "000000"], False)],
+    ids=["right-token", "wrong-token"],
+)
+def test_password_then_second_factor(login, tmp_path, answers, logged_in):
+    server, ssh = login(second_factor_stack(tmp_path))
+    result, asked = ssh.run("bob", answers)
+    assert asked == ["(bob@127.0.0.1) Password: "] * 2  # two prompts, two round trips
+    if logged_in:
+        assert result.returncode == 0, result.stderr + server.log.read_text()
+        assert result.stdout.startswith("Hello bob\n")
+    else:
+        assert result.returncode == 255
+        assert "Hello" not in result.stdout
+
+
+def test_an_abandoned_login_frees_its_thread_and_handle(login):
+    server, ssh = login()
+    result, _ = ssh.run("alice", ["wonder"])  # warm up: threads a server keeps
+    assert result.returncode == 0, result.stderr
+    server.wait_for_log("PAM handle of alice ended")
+    baseline = server.wait_for_threads(server.threads())
+    time.sleep(0.5)
+    baseline = server.threads()
+
+    process, askpass_log = ssh.start("bob", ["<hang up>"])
+    try:
+        deadline = time.monotonic() + 30
+        while not askpass_log.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # ssh shows the prompt: the server's PAM phase waits in its conversation
+        assert server.threads() > baseline
+        (askpass_log.parent / (askpass_log.name + ".hangup")).touch()
+        process.wait(30)
+    finally:
+        process.kill()
+        process.wait()
+    assert server.wait_for_threads(baseline) == baseline
+    assert "PAM handle of bob ended" in server.wait_for_log("PAM handle of bob ended")
+    # and the server still serves
+    result, _ = ssh.run("bob", ["secret"])
+    assert result.returncode == 0, result.stderr
+
+
+def test_answers_that_do_not_fit_the_prompts_are_refused(login):
+    """OpenSSH always answers every prompt; paramiko's client can be told not to."""
+    server, _ = login()
+    transport = paramiko.Transport(("127.0.0.1", server.port))
+    try:
+        transport.start_client(timeout=30)
+
+        def two_answers_to_one_prompt(title, instructions, prompts):
+            return ["secret", "secret"] if prompts else []
+
+        with pytest.raises(paramiko.AuthenticationException):
+            transport.auth_interactive("bob", two_answers_to_one_prompt)
+    finally:
+        transport.close()
+    log = server.wait_for_log("PAM handle of bob ended")
+    assert "the answers of bob did not fit the prompts" in log
+    assert "logged in" not in log
