@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,18 +32,14 @@ class ScriptedApp(pamphlet.PamApplication):
 
 
 @pytest.fixture
-def make_service(tmp_path: Any) -> Iterator[Callable[..., TemporaryService]]:
-    """``make_service(stack=None, users=None, name=...)``: removed after the test."""
-    services: list[TemporaryService] = []
+def make_service(
+    pam_service_factory: Callable[..., TemporaryService],
+) -> Callable[..., TemporaryService]:
+    """``make_service(stack=None, users=None, name=...)``: removed after the test.
 
-    def make(stack: Any = None, **kwargs: Any) -> TemporaryService:
-        service = TemporaryService(stack, **kwargs)
-        services.append(service)
-        return service
-
-    yield make
-    for service in services:
-        service.cleanup()
+    pamphlet's own pytest plugin (pamphlet.pytest_plugin) makes them, so the
+    fixtures users get are exercised by every run of this suite."""
+    return pam_service_factory
 
 
 @pytest.fixture

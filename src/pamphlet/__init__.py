@@ -63,6 +63,7 @@ from .message import (
     PAM_TEXT_INFO,
     Message,
 )
+from .simple import UnansweredPromptError, authenticate, change_password
 from .threaded import (
     ConversationAborted,
     ConversationStateError,
@@ -133,4 +134,7 @@ __all__ = [
     "SystemError",
     "TryAgain",
     "UserUnknown",
+    "authenticate",
+    "change_password",
+    "UnansweredPromptError",
 ]

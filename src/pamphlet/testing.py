@@ -103,14 +103,19 @@ class TemporaryService:
         # pam_matrix rewrites the passdb through a temp file beside it, so it
         # lives in a folder of its own that stays writable.
         self.passdb = os.path.join(self.confdir, "passdb", "passdb")
-        os.makedirs(os.path.dirname(self.passdb), exist_ok=True)
         self._users: dict[str, tuple[str, str]] = {}
-        for user, password in (users or {}).items():
-            self.add_user(user, password, write=False)
-        self._write_passdb()
-        if stack is None:
-            stack = matrix_stack(self.passdb)
-        self.add_service(name, stack)
+        try:
+            os.makedirs(os.path.dirname(self.passdb), exist_ok=True)
+            for user, password in (users or {}).items():
+                self.add_user(user, password, write=False)
+            self._write_passdb()
+            if stack is None:
+                stack = matrix_stack(self.passdb)
+            self.add_service(name, stack)
+        except BaseException:
+            # A missing pam_wrapper or a bad user must not leave the folder behind.
+            self.cleanup()
+            raise
 
     @property
     def service(self) -> str:
