@@ -49,6 +49,8 @@ _service = TemporaryService(
     name=os.environ["SERVICE"],
 )
 pamphlet.PamApplication.default_confdir = _service.confdir
+import atexit
+atexit.register(_service.cleanup)
 """
 
 EPILOGUE = """

@@ -57,3 +57,13 @@ def test_static_checks(command):
         [sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_command_line_tool_does_not_import_asyncio():
+    # asyncio is the largest import behind pamphlet; only the async flavour needs it.
+    code = "import sys, pamphlet, pamphlet.cli; print('asyncio' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr
+    code = "import sys, pamphlet; pamphlet.AsyncPamApplication; print('asyncio' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "True", proc.stderr

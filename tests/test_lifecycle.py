@@ -183,3 +183,21 @@ def test_default_confdir_for_code_that_creates_apps_itself(exec_service):
         app.end()
     assert pamphlet.PamApplication.default_confdir is None
     assert "open_session bob" in exec_service.marker.read_text()
+
+
+@pytest.mark.parametrize("reentry", ["end", "authenticate", "open_session", "get_user"])
+def test_conversation_cannot_reenter_libpam(matrix, reentry):
+    class App(pamphlet.PamApplication):
+        def conversation(self, messages):
+            getattr(self, reentry)()
+            return ["secret"]
+
+    app = matrix.app(App, "bob")
+    with pytest.raises(pamphlet.ConversationError) as info:
+        app.authenticate()
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "inside the conversation" in str(info.value.__cause__)
+    assert not app.ended
+    app.user = "alice"  # the handle is intact and usable
+    app.end()
+    assert app.ended

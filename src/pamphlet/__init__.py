@@ -5,7 +5,9 @@ Subclass :class:`PamApplication`, write ``conversation``, call the phases.
 
 from __future__ import annotations
 
-from .aio import AsyncPamApplication, FailDelayPolicy, libpam_delay
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .application import FailDelay, PamAplication, PamApplication
 from .constants import (
     PAM_MAX_MSG_SIZE,
@@ -138,3 +140,23 @@ __all__ = [
     "change_password",
     "UnansweredPromptError",
 ]
+
+if TYPE_CHECKING:
+    from .aio import AsyncPamApplication, FailDelayPolicy, libpam_delay
+
+# asyncio costs tens of milliseconds to import; a command line tool or a
+# threaded server should not pay for it. The async names load on first use.
+_LAZY = {"AsyncPamApplication": "aio", "FailDelayPolicy": "aio", "libpam_delay": "aio"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pamphlet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

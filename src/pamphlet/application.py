@@ -95,6 +95,7 @@ class PamApplication:
         self._session_open = False
         self._credentials_established = False
         self._fail_delay: FailDelay | None = None
+        self._inside_phase = False
         self.environ = PamEnvironment(self)
         raw_service = self._encode(service, "service name")
         raw_user = None if user is None else self._encode(user, "user name")
@@ -154,6 +155,12 @@ class PamApplication:
             raise HandleEndedError(f"this {type(self).__name__} has been ended; start a new one")
         return handle.pointer
 
+    def _refuse_reentry(self, action: str) -> None:
+        # Called from inside the conversation, libpam would be re-entered
+        # mid-phase (or, for end(), free the handle it is still using).
+        if self._inside_phase:
+            raise RuntimeError(f"cannot {action} from inside the conversation of a running phase")
+
     def _check(self, code: int) -> None:
         if code != _SUCCESS:
             handle = self._handle
@@ -164,8 +171,14 @@ class PamApplication:
         with self._lock:
             handle = self._handle  # _require_handle inlined: every phase passes here
             pointer = handle.pointer if handle is not None else self._require_handle()
+            if self._inside_phase:  # the check inlined, the error from _refuse_reentry
+                self._refuse_reentry("run a PAM phase")
+            self._inside_phase = True
             self._conversation_error = None
-            code = function(pointer, flags)
+            try:
+                code = function(pointer, flags)
+            finally:
+                self._inside_phase = False
             self._last_status = code
             failure = self._conversation_error
             if failure is not None:
@@ -297,6 +310,7 @@ class PamApplication:
             handle = self._handle
             if handle is None:
                 return
+            self._refuse_reentry("end the handle")
             try:
                 if self._session_open:
                     try:
