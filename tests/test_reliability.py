@@ -539,3 +539,144 @@ def test_soak_100000_transactions(scripted):
     samples = soak(scripted, 100_000)
     print(json.dumps(samples))
     assert_flat(samples, rss_slack_kib=2048)
+
+
+# -- soak through the threaded and async flavours ------------------------------
+
+# Half the transactions answer; the other half are abandoned mid-conversation,
+# the ways a server loses its client: end() while the phase waits, abort() and
+# the object dropped (its finalizer ends it), the awaiting task cancelled.
+FLAVOURED_SOAK = """
+import asyncio, gc, json, os, sys, warnings
+import pamphlet
+from pamphlet.testing import TemporaryService
+
+warnings.simplefilter("ignore", ResourceWarning)  # the dropped ones, on purpose
+flavour, count, samples_wanted = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def status(field):
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field):
+                return int(line.split()[1])
+
+def sample(n):
+    gc.collect()
+    return {"n": n, "rss_kib": status("VmRSS:"), "fds": len(os.listdir("/proc/self/fd")),
+            "threads": len(os.listdir("/proc/self/task"))}
+
+wrong = []
+
+def threaded_one(n, service):
+    app = pamphlet.ThreadedPamApplication(service.name, "bob", confdir=service.confdir)
+    thread = app.authenticate()
+    data = app.get_data(timeout=60)
+    if not (isinstance(data, list) and data[0].is_prompt):
+        wrong.append(f"{n}: asked {data!r}")
+    way = n % 4
+    if way == 0:
+        app.set_input(["secret"])
+        outcome = app.get_data(timeout=60)
+        if outcome is not None:
+            wrong.append(f"{n}: refused {outcome!r}")
+        thread.join()
+        app.end()
+    elif way == 1:
+        app.set_input(["wrong"])
+        if not isinstance(app.get_data(timeout=60), pamphlet.AuthenticationError):
+            wrong.append(f"{n}: a wrong password was not refused")
+        thread.join()
+        app.end()
+    elif way == 2:
+        app.end()  # the client went away: end() aborts the waiting conversation
+        thread.join()
+    else:
+        app.abort()  # released, then dropped without end(): the finalizer ends it
+        thread.join()
+        if not isinstance(app.get_data(timeout=60), pamphlet.ConversationError):
+            wrong.append(f"{n}: an aborted conversation did not fail")
+
+class AsyncLogin(pamphlet.AsyncPamApplication):
+    async def conversation(self, messages):
+        self.asked.set()
+        if self.answer is None:
+            await asyncio.Event().wait()  # a client that never answers
+        return [self.answer if m.is_prompt else None for m in messages]
+
+async def async_one(n, service):
+    app = AsyncLogin(service.name, "bob", confdir=service.confdir)
+    app.asked = asyncio.Event()
+    way = n % 4
+    app.answer = {0: "secret", 1: "wrong"}.get(way)
+    phase = asyncio.ensure_future(app.authenticate())
+    try:
+        if way == 0:
+            await phase
+        elif way == 1:
+            try:
+                await phase
+                wrong.append(f"{n}: a wrong password was not refused")
+            except pamphlet.AuthenticationError:
+                pass
+        elif way == 2:
+            await app.asked.wait()
+            phase.cancel()  # the task serving the client is cancelled
+            try:
+                await phase
+            except asyncio.CancelledError:
+                pass
+        else:
+            await app.asked.wait()
+            await app.end()  # end() aborts the waiting conversation
+            try:
+                await phase
+                wrong.append(f"{n}: an abandoned conversation logged in")
+            except pamphlet.ConversationError:
+                pass
+    finally:
+        await app.end()
+
+async def run_async(service, count, step, samples):
+    for n in range(count):
+        await async_one(n, service)
+        if n % step == step - 1:
+            samples.append(sample(n + 1))
+
+with TemporaryService(users={"bob": "secret"}) as service:
+    warm = min(400, count)
+    samples = []
+    step = max(1, count // samples_wanted)
+    if flavour == "threaded":
+        for n in range(warm):
+            threaded_one(n, service)
+        for n in range(count):
+            threaded_one(n, service)
+            if n % step == step - 1:
+                samples.append(sample(n + 1))
+    else:
+        asyncio.run(run_async(service, warm, warm + 1, []))
+        asyncio.run(run_async(service, count, step, samples))
+print(json.dumps({"samples": samples, "wrong": wrong[:20]}))
+"""
+
+
+def flavoured_soak(flavour: str, count: int) -> list[dict[str, int]]:
+    proc = run_python(FLAVOURED_SOAK, flavour, str(count), "10")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["wrong"] == []
+    samples: list[dict[str, int]] = result["samples"]
+    return samples
+
+
+@pytest.mark.parametrize("flavour", ["threaded", "async"])
+def test_flavoured_soak_slice(flavour):
+    assert_flat(flavoured_soak(flavour, 800), rss_slack_kib=1024)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", ["threaded", "async"])
+def test_flavoured_soak_10000(flavour):
+    samples = flavoured_soak(flavour, 10_000)
+    print(json.dumps(samples))
+    assert_flat(samples, rss_slack_kib=2048)
