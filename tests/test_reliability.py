@@ -446,6 +446,36 @@ def test_sigint_while_the_conversation_waits_on_input(scripted, catch):
     assert [c.rc for c in record.calls] == [19]  # the module saw PAM_CONV_ERR
 
 
+def test_sigint_while_the_cli_waits_for_an_answer(scripted):
+    # tests/test_cli.py interrupts the command on a terminal; here its answers
+    # come from a pipe, and pam_scripted's record shows the handle was ended.
+    line, record_path = scripted.line([Call([(ECHO_OFF, b"Password: ")], expect=[b"pw"])])
+    with TemporaryService(line) as service:
+        command = ["-m", "pamphlet", "--confdir", service.confdir, service.name, "bob"]
+        proc = subprocess.Popen(
+            [sys.executable, *command, "authenticate"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert proc.stderr is not None
+            assert proc.stderr.read(len(b"Password: ")) == b"Password: "
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130, err
+    assert b"pamphlet: interrupted" in err and b"Traceback" not in err
+    assert b"successfully" not in out
+    record = read_record(record_path)
+    assert record.ended == 1
+    assert [c.rc for c in record.calls] == [19]
+
+
 # -- soak --------------------------------------------------------------------
 
 # Mixed transactions in a child interpreter, with RSS, file descriptors and
