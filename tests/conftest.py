@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -46,6 +46,24 @@ def make_service(
 def matrix(make_service: Callable[..., TemporaryService]) -> TemporaryService:
     """A pam_matrix service for all four types with bob:secret and alice:wonder."""
     return make_service(users={"bob": "secret", "alice": "wonder"})
+
+
+@pytest.fixture(scope="session")
+def scripted_module_path(tmp_path_factory: Any) -> str:
+    """Our own test module, pam_scripted.so, built once per run (gcc, libpam0g-dev)."""
+    import hostile_module
+
+    return hostile_module.build(tmp_path_factory.mktemp("pam_scripted"))
+
+
+@pytest.fixture
+def scripted(scripted_module_path: str) -> Iterator[Any]:
+    """A ``hostile_module.ScriptedModule``: stack lines that run conversation scripts."""
+    import hostile_module
+
+    module = hostile_module.ScriptedModule(scripted_module_path)
+    yield module
+    module.cleanup()
 
 
 class LibpamGate:

@@ -8,7 +8,6 @@ libc's allocator; memory libpam hands over is copied and freed here.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 from ctypes import (
     CFUNCTYPE,
@@ -17,7 +16,6 @@ from ctypes import (
     byref,
     c_char_p,
     c_int,
-    c_size_t,
     c_uint,
     c_void_p,
 )
@@ -34,21 +32,33 @@ class LibPamNotFoundError(ImportError):
     """The system's libpam could not be loaded."""
 
 
-def _load(name: str, fallback: str, what: str) -> ctypes.CDLL:
-    path = ctypes.util.find_library(name) or fallback
+def _load_libpam() -> ctypes.CDLL:
+    # Linux-PAM's soname first: ctypes.util.find_library runs ldconfig in a
+    # subprocess and imports subprocess, shutil and a dozen extension modules;
+    # every shared object loaded makes each later dlopen of a PAM module (one
+    # per stack line, every transaction) search a longer list.
     try:
-        return ctypes.CDLL(path, use_errno=False)
+        return ctypes.CDLL("libpam.so.0")
+    except OSError:
+        pass
+    from ctypes.util import find_library
+
+    path = find_library("pam") or "libpam.so"
+    try:
+        return ctypes.CDLL(path)
     except OSError as exc:
         raise LibPamNotFoundError(
-            f"pamphlet needs {what} ({path!r} could not be loaded: {exc}); "
-            "on Debian and Ubuntu it comes with the package libpam0g"
-            if name == "pam"
-            else f"pamphlet needs {what} ({path!r}: {exc})"
+            f"pamphlet needs the system's PAM library ({path!r} could not be loaded: "
+            f"{exc}); on Debian and Ubuntu it comes with the package libpam0g"
         ) from exc
 
 
-_pam = _load("pam", "libpam.so.0", "the system's PAM library")
-_libc = _load("c", "libc.so.6", "the C library")
+_pam = _load_libpam()
+# calloc and free are looked up in the process's global scope, as libpam and
+# its modules look up the free() they call on our answers: with an allocator
+# preloaded (jemalloc, tcmalloc), libc.so.6's own calloc would hand them
+# memory that the preloaded free() cannot free.
+_libc = ctypes.CDLL(None)
 
 
 class PamMessage(Structure):
@@ -61,9 +71,9 @@ class PamResponse(Structure):
     _fields_ = [("resp", c_void_p), ("resp_retcode", c_int)]
 
 
-CONV_FUNC = CFUNCTYPE(
-    c_int, c_int, POINTER(POINTER(PamMessage)), POINTER(POINTER(PamResponse)), c_void_p
-)
+# The message and response arrays arrive as plain addresses: ctypes builds no
+# pointer objects per call; read_messages and write_responses walk them.
+CONV_FUNC = CFUNCTYPE(c_int, c_int, c_void_p, c_void_p, c_void_p)
 FAIL_DELAY_FUNC = CFUNCTYPE(None, c_int, c_uint, c_void_p)
 
 
@@ -109,7 +119,13 @@ _OPTIONAL_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     ),
 }
 _LIBC_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
-    "calloc": (c_void_p, [c_size_t, c_size_t]),
+    # calloc's size_t arguments are declared c_void_p, of the same size and
+    # calling convention on every Linux ABI: ctypes converts a Python int to
+    # c_void_p several times faster than to c_size_t.
+    "calloc": (c_void_p, [c_void_p, c_void_p]),
+    # strdup allocates through malloc as libc itself calls it, so an
+    # interposed allocator sees our answers as its own.
+    "strdup": (c_void_p, [c_char_p]),
     "free": (None, [c_void_p]),
 }
 
@@ -144,8 +160,8 @@ _pam_strerror = _f["pam_strerror"]
 _pam_getenv = _f["pam_getenv"]
 _pam_getenvlist = _f["pam_getenvlist"]
 _calloc = _c["calloc"]
+_strdup = _c["strdup"]
 _free = _c["free"]
-_memmove = ctypes.memmove
 _string_at = ctypes.string_at
 
 HAS_CONFDIR = _pam_start_confdir is not None
@@ -280,49 +296,59 @@ def getenvlist(handle: c_void_p) -> list[bytes] | None:
     return entries
 
 
-def read_messages(num_msg: int, msg: Any) -> list[tuple[int, bytes]]:
-    """The (style, text) pairs of a conversation call; NULL text reads as b''."""
+_POINTER_SIZE = ctypes.sizeof(c_void_p)
+_RESPONSE_SIZE = ctypes.sizeof(PamResponse)
+# resp is pam_response's first field: response i's pointer is at
+# array + i * _RESPONSE_SIZE.
+assert PamResponse.resp.offset == 0
+_pointer_at = c_void_p.from_address
+_message_at = PamMessage.from_address
+
+
+def read_messages(num_msg: int, msg: int) -> list[tuple[int, bytes]]:
+    """The (style, text) pairs of a conversation call; NULL text reads as b''.
+
+    ``msg`` is the address of the module's array of ``num_msg`` message pointers.
+    """
     out = []
     for i in range(num_msg):
-        message = msg[i].contents
+        address = _pointer_at(msg + i * _POINTER_SIZE).value
+        if not address:
+            raise ValueError("a module passed a NULL message pointer")
+        message = _message_at(address)
         out.append((message.msg_style, message.msg or b""))
     return out
 
 
-def write_responses(resp: Any, answers: list[bytes | None]) -> bool:
-    """Store a libc-allocated pam_response array in ``*resp``.
+def write_responses(resp: int, answers: list[bytes | None]) -> bool:
+    """Store a libc-allocated pam_response array at the address ``resp``.
 
-    Each non-None answer becomes a libc-allocated copy (its length checked by
-    the caller to hold no NUL); None leaves that response NULL. Returns False,
-    with nothing allocated, when memory runs out.
+    Each non-None answer becomes a libc-allocated copy; None leaves that
+    response NULL. Returns False, with nothing allocated, when memory runs out.
     """
     count = len(answers)
-    array_address = _calloc(count, ctypes.sizeof(PamResponse))
+    array_address = _calloc(count, _RESPONSE_SIZE)
     if not array_address:
         return False
-    array = ctypes.cast(array_address, POINTER(PamResponse))
     for i, answer in enumerate(answers):
         if answer is None:
             continue
-        size = len(answer)
-        buffer = _calloc(size + 1, 1)  # zeroed: the copy ends in NUL
-        if not buffer:
+        if 0 in answer:  # strdup would stop there: never a truncated secret
+            free_responses(array_address, i)
+            raise ValueError("an answer holding a NUL byte reached write_responses")
+        copy = _strdup(answer)
+        if not copy:
             free_responses(array_address, i)
             return False
-        _memmove(buffer, answer, size)
-        array[i].resp = buffer
-    resp[0] = array
+        _pointer_at(array_address + i * _RESPONSE_SIZE).value = copy
+    _pointer_at(resp).value = array_address
     return True
 
 
 def free_responses(array_address: int, count: int) -> None:
-    array = ctypes.cast(array_address, POINTER(PamResponse))
     for i in range(count):
-        if array[i].resp:
-            ctypes.memset(array[i].resp, 0, len(_string_at(array[i].resp)))
-            _free(array[i].resp)
+        copy = _pointer_at(array_address + i * _RESPONSE_SIZE).value
+        if copy:
+            ctypes.memset(copy, 0, len(_string_at(copy)))
+            _free(copy)
     _free(array_address)
-
-
-def is_null(pointer: Any) -> bool:
-    return not pointer

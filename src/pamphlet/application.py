@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import warnings
+from _thread import RLock as _RLock
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, overload
@@ -86,9 +86,10 @@ class PamApplication:
             user = user_name
         if service is None:
             raise TypeError("PamApplication needs a service name")
-        "".encode(encoding)  # an unknown encoding fails here, not mid-phase
+        if encoding != "utf-8":
+            "".encode(encoding)  # an unknown encoding fails here, not mid-phase
         self._encoding = encoding
-        self._lock = threading.RLock()
+        self._lock = _RLock()  # threading.RLock without its Python wrapper frame
         self._conversation_error: BaseException | None = None
         self._last_status = _SUCCESS
         self._session_open = False
@@ -168,8 +169,10 @@ class PamApplication:
 
     def _run_phase(self, function: Callable[[Any, int], int], flags: int) -> None:
         with self._lock:
-            pointer = self._require_handle()
-            self._refuse_reentry("run a PAM phase")
+            handle = self._handle  # _require_handle inlined: every phase passes here
+            pointer = handle.pointer if handle is not None else self._require_handle()
+            if self._inside_phase:  # the check inlined, the error from _refuse_reentry
+                self._refuse_reentry("run a PAM phase")
             self._inside_phase = True
             self._conversation_error = None
             try:

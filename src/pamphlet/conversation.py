@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from . import _libpam
 from .constants import PAM_MAX_NUM_MSG, ReturnCode
-from .message import PAM_BINARY_PROMPT, Message
+from .message import PAM_BINARY_PROMPT, PROMPT_STYLES, Message
 
 __all__ = ["Conversant", "ConversationProtocolError", "register", "unregister"]
 
@@ -75,37 +75,43 @@ def encode_answers(messages: list[Message], answers: Any, encoding: str) -> list
     may be answered with anything string-like or None, and get a NULL
     response either way.
     """
-    if answers is None:
-        raise TypeError(
-            "the conversation returned None; it must return or yield one answer per message"
-        )
-    if isinstance(answers, (str, bytes)) or not isinstance(answers, Iterable):
-        raise TypeError(
-            "the conversation must return or yield one answer per message, "
-            f"not {type(answers).__name__}"
-        )
-    answers = list(answers)
+    if type(answers) is not list:  # a list, the usual answer, skips the ABC check
+        if answers is None:
+            raise TypeError(
+                "the conversation returned None; it must return or yield one answer per message"
+            )
+        if isinstance(answers, (str, bytes)) or not isinstance(answers, Iterable):
+            raise TypeError(
+                "the conversation must return or yield one answer per message, "
+                f"not {type(answers).__name__}"
+            )
+        answers = list(answers)
     if len(answers) != len(messages):
         raise ValueError(
             f"the conversation gave {len(answers)} answers to {len(messages)} messages"
         )
     encoded: list[bytes | None] = []
     for index, (message, answer) in enumerate(zip(messages, answers, strict=True)):
+        is_prompt = message.style in PROMPT_STYLES  # is_prompt without a property frame
         if isinstance(answer, str):
             data = answer.encode(encoding, "surrogateescape")
+        elif type(answer) is bytes:
+            data = answer
         elif isinstance(answer, (bytes, bytearray, memoryview)):
             data = bytes(answer)
-        elif answer is None and not message.is_prompt:
+        elif answer is None and not is_prompt:
             encoded.append(None)
             continue
         else:
             raise TypeError(
                 f"answer {index} to {message!r} must be str or bytes, not {type(answer).__name__}"
             )
-        if not message.is_prompt:
+        if not is_prompt:
             encoded.append(None)
             continue
-        if b"\0" in data:
+        # An int test: bytes.__contains__ tries its argument as an int first,
+        # and b"\0" would cost a TypeError raised and cleared inside CPython.
+        if 0 in data:
             raise ValueError(
                 f"answer {index} to {message!r} contains a NUL byte; PAM would "
                 "see only the part before it"
@@ -120,7 +126,7 @@ def _converse(owner: Conversant, num_msg: int, msg: Any, resp: Any) -> int:
             f"a module asked for a conversation of {num_msg} messages "
             f"(PAM allows 1 to {PAM_MAX_NUM_MSG})"
         )
-    if _libpam.is_null(msg):
+    if not msg:
         raise ConversationProtocolError("a module passed a NULL message array")
     encoding = owner._encoding
     messages = []
@@ -136,14 +142,16 @@ def _converse(owner: Conversant, num_msg: int, msg: Any, resp: Any) -> int:
                 f"a module sent a message of unknown style {style}"
             ) from None
         messages.append(message)
+    # Linux-PAM modules (pam_matrix among them) pass resp == NULL when they
+    # only show messages. A question with nowhere to put the answer is
+    # refused before the user is asked: a typed secret would go nowhere.
+    null_resp = not resp
+    if null_resp and any(message.is_prompt for message in messages):
+        raise ConversationProtocolError(
+            "a module asked a question but gave no place for the answer"
+        )
     encoded = encode_answers(messages, owner._answer(messages), encoding)
-    if _libpam.is_null(resp):
-        # Linux-PAM modules (pam_matrix among them) pass resp == NULL when
-        # they only show messages. Then there must be nothing to answer.
-        if any(message.is_prompt for message in messages):
-            raise ConversationProtocolError(
-                "a module asked a question but gave no place for the answer"
-            )
+    if null_resp:
         return _SUCCESS
     if not _libpam.write_responses(resp, encoded):
         raise MemoryError("could not allocate the conversation's responses")

@@ -21,7 +21,9 @@ PAM_TEXT_INFO = MessageStyle.TEXT_INFO
 PAM_RADIO_TYPE = MessageStyle.RADIO_TYPE
 PAM_BINARY_PROMPT = MessageStyle.BINARY_PROMPT
 
-_PROMPTS = frozenset((PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_RADIO_TYPE))
+#: The styles that want an answer (package-internal: Message.is_prompt is the API).
+PROMPT_STYLES = frozenset((PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_RADIO_TYPE))
+_STYLES = {int(style): style for style in MessageStyle}
 
 
 class Message(str):
@@ -34,14 +36,16 @@ class Message(str):
     style: MessageStyle
 
     def __new__(cls, text: str, style: int = PAM_TEXT_INFO) -> Message:
-        self = super().__new__(cls, text)
-        self.style = MessageStyle(style)
+        self = str.__new__(cls, text)
+        # A dict lookup: calling the enum costs several Python frames per message.
+        known = _STYLES.get(style) if type(style) is int else None
+        self.style = MessageStyle(style) if known is None else known
         return self
 
     @property
     def is_prompt(self) -> bool:
         """The message asks a question and wants an answer."""
-        return self.style in _PROMPTS
+        return self.style in PROMPT_STYLES
 
     @property
     def wants_password(self) -> bool:
