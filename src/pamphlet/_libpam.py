@@ -58,7 +58,9 @@ _pam = _load_libpam()
 # its modules look up the free() they call on our answers: with an allocator
 # preloaded (jemalloc, tcmalloc), libc.so.6's own calloc would hand them
 # memory that the preloaded free() cannot free.
-_libc = ctypes.CDLL(None)
+# A PyDLL keeps the GIL over the call: these never block nor call back into
+# Python, and releasing and retaking the GIL would cost more than they do.
+_libc = ctypes.PyDLL(None)
 
 
 class PamMessage(Structure):
