@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from _thread import RLock as _RLock
 from collections.abc import Callable, Iterable
@@ -96,7 +97,6 @@ class PamApplication:
         self._credentials_established = False
         self._fail_delay: FailDelay | None = None
         self._inside_phase = False
-        self.environ = PamEnvironment(self)
         raw_service = self._encode(service, "service name")
         raw_user = None if user is None else self._encode(user, "user name")
         if confdir is None:
@@ -116,6 +116,13 @@ class PamApplication:
             )
         self._key = key
         self._handle = _libpam.Handle(pointer, conv)
+
+    @functools.cached_property
+    def environ(self) -> PamEnvironment:
+        """The PAM environment, a MutableMapping like os.environ."""
+        # Made on first use: it refers back to the application, and that
+        # cycle would leave every transaction to the cyclic collector.
+        return PamEnvironment(self)
 
     # -- what subclasses write ---------------------------------------------
 
