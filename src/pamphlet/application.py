@@ -97,8 +97,20 @@ class PamApplication:
         self._credentials_established = False
         self._fail_delay: FailDelay | None = None
         self._inside_phase = False
-        raw_service = self._encode(service, "service name")
-        raw_user = None if user is None else self._encode(user, "user name")
+        # _encode inlined for the usual str arguments; it still gives the errors.
+        if type(service) is str:
+            raw_service = service.encode(encoding, "surrogateescape")
+            if 0 in raw_service:
+                self._encode(service, "service name")
+        else:
+            raw_service = self._encode(service, "service name")
+        raw_user = None
+        if type(user) is str:
+            raw_user = user.encode(encoding, "surrogateescape")
+            if 0 in raw_user:
+                self._encode(user, "user name")
+        elif user is not None:
+            raw_user = self._encode(user, "user name")
         if confdir is None:
             confdir = self.default_confdir
         raw_confdir = None if confdir is None else self._encode(str(confdir), "confdir")
@@ -323,7 +335,8 @@ class PamApplication:
             handle = self._handle
             if handle is None:
                 return
-            self._refuse_reentry("end the handle")
+            if self._inside_phase:
+                self._refuse_reentry("end the handle")
             try:
                 if self._session_open:
                     try:
