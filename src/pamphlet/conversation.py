@@ -210,7 +210,11 @@ def _conversation_callback(num_msg: int, msg: Any, resp: Any, appdata: int | Non
             answers = owner._answer([message])
             if type(answers) is not list or len(answers) != 1:
                 answers = _answer_list(answers, 1)
-            data = _encode_answer(0, message, answers[0], encoding)
+            answer = answers[0]
+            if answer is None and not message.is_prompt:
+                data = None  # an info or error message, answered with nothing
+            else:
+                data = _encode_answer(0, message, answer, encoding)
             if resp and not _write_response(resp, data):
                 raise MemoryError("could not allocate the conversation's responses")
             return _SUCCESS
