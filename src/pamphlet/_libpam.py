@@ -58,7 +58,9 @@ _pam = _load_libpam()
 # its modules look up the free() they call on our answers: with an allocator
 # preloaded (jemalloc, tcmalloc), libc.so.6's own calloc would hand them
 # memory that the preloaded free() cannot free.
-_libc = ctypes.CDLL(None)
+# A PyDLL keeps the GIL over the call: these never block nor call back into
+# Python, and releasing and retaking the GIL would cost more than they do.
+_libc = ctypes.PyDLL(None)
 
 
 class PamMessage(Structure):
@@ -305,19 +307,41 @@ _pointer_at = c_void_p.from_address
 _message_at = PamMessage.from_address
 
 
+def read_message(msg: int) -> tuple[int, bytes]:
+    """The (style, text) of the message whose pointer is at the address ``msg``;
+    NULL text reads as b''."""
+    address = _pointer_at(msg).value
+    if not address:
+        raise ValueError("a module passed a NULL message pointer")
+    message = _message_at(address)
+    return message.msg_style, message.msg or b""
+
+
 def read_messages(num_msg: int, msg: int) -> list[tuple[int, bytes]]:
-    """The (style, text) pairs of a conversation call; NULL text reads as b''.
+    """The (style, text) pairs of a conversation call.
 
     ``msg`` is the address of the module's array of ``num_msg`` message pointers.
     """
-    out = []
-    for i in range(num_msg):
-        address = _pointer_at(msg + i * _POINTER_SIZE).value
-        if not address:
-            raise ValueError("a module passed a NULL message pointer")
-        message = _message_at(address)
-        out.append((message.msg_style, message.msg or b""))
-    return out
+    end = msg + num_msg * _POINTER_SIZE
+    return [read_message(address) for address in range(msg, end, _POINTER_SIZE)]
+
+
+def write_response(resp: int, answer: bytes | None) -> bool:
+    """write_responses for one answer."""
+    array_address = _calloc(1, _RESPONSE_SIZE)
+    if not array_address:
+        return False
+    if answer is not None:
+        if 0 in answer:  # strdup would stop there: never a truncated secret
+            _free(array_address)
+            raise ValueError("an answer holding a NUL byte reached write_response")
+        copy = _strdup(answer)
+        if not copy:
+            _free(array_address)
+            return False
+        _pointer_at(array_address).value = copy
+    _pointer_at(resp).value = array_address
+    return True
 
 
 def write_responses(resp: int, answers: list[bytes | None]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from _thread import RLock as _RLock
 from collections.abc import Callable, Iterable
@@ -96,9 +97,20 @@ class PamApplication:
         self._credentials_established = False
         self._fail_delay: FailDelay | None = None
         self._inside_phase = False
-        self.environ = PamEnvironment(self)
-        raw_service = self._encode(service, "service name")
-        raw_user = None if user is None else self._encode(user, "user name")
+        # _encode inlined for the usual str arguments; it still gives the errors.
+        if type(service) is str:
+            raw_service = service.encode(encoding, "surrogateescape")
+            if 0 in raw_service:
+                self._encode(service, "service name")
+        else:
+            raw_service = self._encode(service, "service name")
+        raw_user = None
+        if type(user) is str:
+            raw_user = user.encode(encoding, "surrogateescape")
+            if 0 in raw_user:
+                self._encode(user, "user name")
+        elif user is not None:
+            raw_user = self._encode(user, "user name")
         if confdir is None:
             confdir = self.default_confdir
         raw_confdir = None if confdir is None else self._encode(str(confdir), "confdir")
@@ -116,6 +128,13 @@ class PamApplication:
             )
         self._key = key
         self._handle = _libpam.Handle(pointer, conv)
+
+    @functools.cached_property
+    def environ(self) -> PamEnvironment:
+        """The PAM environment, a MutableMapping like os.environ."""
+        # Made on first use: it refers back to the application, and that
+        # cycle would leave every transaction to the cyclic collector.
+        return PamEnvironment(self)
 
     # -- what subclasses write ---------------------------------------------
 
@@ -192,6 +211,9 @@ class PamApplication:
             if code != _SUCCESS:
                 raise error_class(code)(_libpam.strerror(pointer, code), code=code)
 
+    # The phases call _flags only when a flag is asked for: with the defaults
+    # (all False, flags=0) the value is 0, and building the arguments of
+    # _flags cost more than the rest of the Python side of a phase.
     @staticmethod
     def _flags(silent: bool, *more: tuple[bool, Flag], flags: int = 0) -> int:
         value = int(flags) | (Flag.SILENT if silent else 0)
@@ -206,19 +228,21 @@ class PamApplication:
         self, silent: bool = False, disallow_null_authtoken: bool = False, *, flags: int = 0
     ) -> Any:
         """pam_authenticate: who is the user? May converse."""
-        self._run_phase(
-            _libpam.pam_authenticate,
-            self._flags(silent, (disallow_null_authtoken, Flag.DISALLOW_NULL_AUTHTOK), flags=flags),
-        )
+        if silent or disallow_null_authtoken or flags or type(flags) is not int:
+            flags = self._flags(
+                silent, (disallow_null_authtoken, Flag.DISALLOW_NULL_AUTHTOK), flags=flags
+            )
+        self._run_phase(_libpam.pam_authenticate, flags)
 
     def account_management(
         self, silent: bool = False, disallow_null_authtoken: bool = False, *, flags: int = 0
     ) -> Any:
         """pam_acct_mgmt: may this account log in now (expiry, access rules)?"""
-        self._run_phase(
-            _libpam.pam_acct_mgmt,
-            self._flags(silent, (disallow_null_authtoken, Flag.DISALLOW_NULL_AUTHTOK), flags=flags),
-        )
+        if silent or disallow_null_authtoken or flags or type(flags) is not int:
+            flags = self._flags(
+                silent, (disallow_null_authtoken, Flag.DISALLOW_NULL_AUTHTOK), flags=flags
+            )
+        self._run_phase(_libpam.pam_acct_mgmt, flags)
 
     def acct_mgmt(
         self, silent: bool = False, disallow_null_authtoken: bool = False, *, flags: int = 0
@@ -228,26 +252,27 @@ class PamApplication:
 
     def open_session(self, silent: bool = False, *, flags: int = 0) -> Any:
         """pam_open_session; :meth:`end` closes it if you do not."""
-        self._run_phase(_libpam.pam_open_session, self._flags(silent, flags=flags))
+        if silent or flags or type(flags) is not int:
+            flags = self._flags(silent, flags=flags)
+        self._run_phase(_libpam.pam_open_session, flags)
         self._session_open = True
 
     def close_session(self, silent: bool = False, *, flags: int = 0) -> Any:
         """pam_close_session."""
         self._session_open = False
-        self._run_phase(_libpam.pam_close_session, self._flags(silent, flags=flags))
+        if silent or flags or type(flags) is not int:
+            flags = self._flags(silent, flags=flags)
+        self._run_phase(_libpam.pam_close_session, flags)
 
     def change_authtoken(
         self, silent: bool = False, change_expired_authtoken: bool = False, *, flags: int = 0
     ) -> Any:
         """pam_chauthtok: change the password (or other token). Converses."""
-        self._run_phase(
-            _libpam.pam_chauthtok,
-            self._flags(
-                silent,
-                (change_expired_authtoken, Flag.CHANGE_EXPIRED_AUTHTOK),
-                flags=flags,
-            ),
-        )
+        if silent or change_expired_authtoken or flags or type(flags) is not int:
+            flags = self._flags(
+                silent, (change_expired_authtoken, Flag.CHANGE_EXPIRED_AUTHTOK), flags=flags
+            )
+        self._run_phase(_libpam.pam_chauthtok, flags)
 
     def setcred(self, flags: int) -> Any:
         """pam_setcred with raw flags; the four methods below name them."""
@@ -310,7 +335,8 @@ class PamApplication:
             handle = self._handle
             if handle is None:
                 return
-            self._refuse_reentry("end the handle")
+            if self._inside_phase:
+                self._refuse_reentry("end the handle")
             try:
                 if self._session_open:
                     try:

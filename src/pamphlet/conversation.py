@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from . import _libpam
 from .constants import PAM_MAX_NUM_MSG, ReturnCode
-from .message import PAM_BINARY_PROMPT, PROMPT_STYLES, Message
+from .message import _KINDS, PAM_BINARY_PROMPT, Message
 
 __all__ = ["Conversant", "ConversationProtocolError", "register", "unregister"]
 
 _SUCCESS = int(ReturnCode.SUCCESS)
 _CONV_ERR = int(ReturnCode.CONV_ERR)
 _BUF_ERR = int(ReturnCode.BUF_ERR)
+# The styles pamphlet answers, each to its Message subclass: BINARY_PROMPT is
+# refused, like any style PAM does not define.
+# Message subclasses are made with str's own constructor: the style is the class.
+_new_str = str.__new__
+_read_message = _libpam.read_message
+_write_response = _libpam.write_response
+_CONVERSED_KINDS = {
+    int(style): kind for style, kind in _KINDS.items() if style != PAM_BINARY_PROMPT
+}
 
 
 class ConversationProtocolError(ValueError):
@@ -68,13 +77,8 @@ def _owner(appdata: int | None) -> Conversant | None:
     return None if lookup is None else lookup()
 
 
-def encode_answers(messages: list[Message], answers: Any, encoding: str) -> list[bytes | None]:
-    """Check the conversation's answers and turn them into C strings.
-
-    Prompts need a str or bytes answer with no NUL; info and error messages
-    may be answered with anything string-like or None, and get a NULL
-    response either way.
-    """
+def _answer_list(answers: Any, count: int) -> list[Any]:
+    """The conversation's return value as a list of ``count`` answers."""
     if type(answers) is not list:  # a list, the usual answer, skips the ABC check
         if answers is None:
             raise TypeError(
@@ -86,38 +90,75 @@ def encode_answers(messages: list[Message], answers: Any, encoding: str) -> list
                 f"not {type(answers).__name__}"
             )
         answers = list(answers)
-    if len(answers) != len(messages):
+    if len(answers) != count:
+        raise ValueError(f"the conversation gave {len(answers)} answers to {count} messages")
+    checked: list[Any] = answers
+    return checked
+
+
+def _encode_answer(index: int, message: Message, answer: Any, encoding: str) -> bytes | None:
+    """One answer as the C string PAM will see: a prompt's never truncated,
+    anything else's NULL (checked all the same: a wrong type is a bug to report)."""
+    kind = type(answer)
+    data: bytes
+    if kind is str:
+        data = answer.encode(encoding, "surrogateescape")
+    elif kind is bytes:
+        data = answer
+    elif answer is None and not message.is_prompt:
+        return None
+    elif isinstance(answer, str):
+        data = answer.encode(encoding, "surrogateescape")
+    elif isinstance(answer, (bytes, bytearray, memoryview)):
+        data = bytes(answer)
+    else:
+        raise TypeError(f"answer {index} to {message!r} must be str or bytes, not {kind.__name__}")
+    if not message.is_prompt:
+        return None
+    # An int test: bytes.__contains__ tries its argument as an int first,
+    # and b"\0" would cost a TypeError raised and cleared inside CPython.
+    if 0 in data:
         raise ValueError(
-            f"the conversation gave {len(answers)} answers to {len(messages)} messages"
+            f"answer {index} to {message!r} contains a NUL byte; PAM would "
+            "see only the part before it"
         )
-    encoded: list[bytes | None] = []
-    for index, (message, answer) in enumerate(zip(messages, answers, strict=True)):
-        is_prompt = message.style in PROMPT_STYLES  # is_prompt without a property frame
-        if isinstance(answer, str):
-            data = answer.encode(encoding, "surrogateescape")
-        elif type(answer) is bytes:
-            data = answer
-        elif isinstance(answer, (bytes, bytearray, memoryview)):
-            data = bytes(answer)
-        elif answer is None and not is_prompt:
-            encoded.append(None)
-            continue
-        else:
-            raise TypeError(
-                f"answer {index} to {message!r} must be str or bytes, not {type(answer).__name__}"
-            )
-        if not is_prompt:
-            encoded.append(None)
-            continue
-        # An int test: bytes.__contains__ tries its argument as an int first,
-        # and b"\0" would cost a TypeError raised and cleared inside CPython.
-        if 0 in data:
-            raise ValueError(
-                f"answer {index} to {message!r} contains a NUL byte; PAM would "
-                "see only the part before it"
-            )
-        encoded.append(data)
-    return encoded
+    return data
+
+
+def encode_answers(messages: Sequence[Message], answers: Any, encoding: str) -> list[bytes | None]:
+    """Check the conversation's answers and turn them into C strings.
+
+    Prompts need a str or bytes answer with no NUL; info and error messages
+    may be answered with anything string-like or None, and get a NULL
+    response either way.
+    """
+    answers = _answer_list(answers, len(messages))
+    return [
+        _encode_answer(index, message, answers[index], encoding)
+        for index, message in enumerate(messages)
+    ]
+
+
+def _style_error(style: int) -> ConversationProtocolError:
+    if style == PAM_BINARY_PROMPT:
+        return ConversationProtocolError(
+            "a module sent a PAM_BINARY_PROMPT, which pamphlet does not answer"
+        )
+    return ConversationProtocolError(f"a module sent a message of unknown style {style}")
+
+
+def _message(style: int, text: bytes, encoding: str) -> Message:
+    kind = _CONVERSED_KINDS.get(style)
+    if kind is None:
+        raise _style_error(style)
+    return _new_str(kind, text.decode(encoding, "surrogateescape"))
+
+
+def _no_place_for_the_answer() -> ConversationProtocolError:
+    # Linux-PAM modules (pam_matrix among them) pass resp == NULL when they
+    # only show messages. A question with nowhere to put the answer is
+    # refused before the user is asked: a typed secret would go nowhere.
+    return ConversationProtocolError("a module asked a question but gave no place for the answer")
 
 
 def _converse(owner: Conversant, num_msg: int, msg: Any, resp: Any) -> int:
@@ -129,38 +170,24 @@ def _converse(owner: Conversant, num_msg: int, msg: Any, resp: Any) -> int:
     if not msg:
         raise ConversationProtocolError("a module passed a NULL message array")
     encoding = owner._encoding
-    messages = []
-    for style, text in _libpam.read_messages(num_msg, msg):
-        if style == PAM_BINARY_PROMPT:
-            raise ConversationProtocolError(
-                "a module sent a PAM_BINARY_PROMPT, which pamphlet does not answer"
-            )
-        try:
-            message = Message(text.decode(encoding, "surrogateescape"), style)
-        except ValueError:
-            raise ConversationProtocolError(
-                f"a module sent a message of unknown style {style}"
-            ) from None
-        messages.append(message)
-    # Linux-PAM modules (pam_matrix among them) pass resp == NULL when they
-    # only show messages. A question with nowhere to put the answer is
-    # refused before the user is asked: a typed secret would go nowhere.
-    null_resp = not resp
-    if null_resp and any(message.is_prompt for message in messages):
-        raise ConversationProtocolError(
-            "a module asked a question but gave no place for the answer"
-        )
-    encoded = encode_answers(messages, owner._answer(messages), encoding)
-    if null_resp:
-        return _SUCCESS
-    if not _libpam.write_responses(resp, encoded):
+    messages = [
+        _message(style, text, encoding) for style, text in _libpam.read_messages(num_msg, msg)
+    ]
+    if not resp and any(message.is_prompt for message in messages):
+        raise _no_place_for_the_answer()
+    # The conversation gets the list and may change it; the answers are
+    # checked against our own copy: one response per message sent, never fewer.
+    asked = tuple(messages)
+    encoded = encode_answers(asked, owner._answer(messages), encoding)
+    if resp and not _libpam.write_responses(resp, encoded):
         raise MemoryError("could not allocate the conversation's responses")
     return _SUCCESS
 
 
 def _conversation_callback(num_msg: int, msg: Any, resp: Any, appdata: int | None) -> int:
     try:
-        owner = _owner(appdata)
+        lookup = _owners.get(appdata)  # type: ignore[arg-type]
+        owner = None if lookup is None else lookup()
         if owner is None:
             return _CONV_ERR
         if owner._conversation_error is not None:
@@ -168,7 +195,29 @@ def _conversation_callback(num_msg: int, msg: Any, resp: Any, appdata: int | Non
             # more, and keep the first error for the phase to raise.
             return _CONV_ERR
         try:
-            return _converse(owner, num_msg, msg, resp)
+            if num_msg != 1 or not msg:
+                return _converse(owner, num_msg, msg, resp)
+            # One message, as most modules send (pam_prompt, pam_info): the
+            # same steps as _converse, inline, with no lists of our own.
+            encoding = owner._encoding
+            style, text = _read_message(msg)
+            kind = _CONVERSED_KINDS.get(style)
+            if kind is None:
+                raise _style_error(style)
+            message = _new_str(kind, text.decode(encoding, "surrogateescape"))
+            if not resp and message.is_prompt:
+                raise _no_place_for_the_answer()
+            answers = owner._answer([message])
+            if type(answers) is not list or len(answers) != 1:
+                answers = _answer_list(answers, 1)
+            answer = answers[0]
+            if answer is None and not message.is_prompt:
+                data = None  # an info or error message, answered with nothing
+            else:
+                data = _encode_answer(0, message, answer, encoding)
+            if resp and not _write_response(resp, data):
+                raise MemoryError("could not allocate the conversation's responses")
+            return _SUCCESS
         except MemoryError as exc:
             owner._conversation_error = exc
             return _BUF_ERR
