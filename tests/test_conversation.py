@@ -304,3 +304,29 @@ def test_message_is_a_str_with_attributes():
     assert pamphlet.Message("oops", pamphlet.PAM_ERROR_MSG).is_error
     assert pamphlet.Message("hi", pamphlet.PAM_TEXT_INFO).is_info
     assert repr(message) == "Message('Password: ', PROMPT_ECHO_OFF)"
+
+
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("mutation", ["pop", "clear", "append"])
+def test_conversation_changing_the_message_list_fails_closed(mutation, count):
+    # Answers are counted against what libpam sent, never against the list the
+    # conversation was handed (which it may change): a short response array
+    # would let the module read past its end.
+    class Owner(_Owner):
+        def _answer(self, messages):
+            answers = ["pw"] * len(messages)
+            if mutation == "pop":
+                messages.pop()
+                answers.pop()
+            elif mutation == "clear":
+                messages.clear()
+                answers.clear()
+            else:
+                messages.append(pamphlet.Message("extra", pamphlet.PAM_PROMPT_ECHO_OFF))
+                answers.append("pw")
+            return answers
+
+    owner = Owner()
+    code, answers = _call(owner, [(1, b"one"), (1, b"two")][:count])
+    assert code == ReturnCode.CONV_ERR and answers is None
+    assert isinstance(owner._conversation_error, ValueError)
