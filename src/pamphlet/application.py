@@ -18,6 +18,15 @@ from .message import Message
 __all__ = ["PamApplication", "PamAplication", "FailDelay"]
 
 _SUCCESS = int(ReturnCode.SUCCESS)
+# Plain ints: an IntFlag's | runs Python code, on every phase.
+_SILENT = int(Flag.SILENT)
+_DISALLOW_NULL_AUTHTOK = int(Flag.DISALLOW_NULL_AUTHTOK)
+_CHANGE_EXPIRED_AUTHTOK = int(Flag.CHANGE_EXPIRED_AUTHTOK)
+_ESTABLISH_CRED = int(Flag.ESTABLISH_CRED)
+_DELETE_CRED = int(Flag.DELETE_CRED)
+_REINITIALIZE_CRED = int(Flag.REINITIALIZE_CRED)
+_REFRESH_CRED = int(Flag.REFRESH_CRED)
+_CRED_ACTIONS = _ESTABLISH_CRED | _DELETE_CRED | _REINITIALIZE_CRED | _REFRESH_CRED
 
 FailDelay = Callable[[int, int], object]
 """``f(status, delay_usec)``: called by libpam instead of sleeping after a failure."""
@@ -97,20 +106,8 @@ class PamApplication:
         self._credentials_established = False
         self._fail_delay: FailDelay | None = None
         self._inside_phase = False
-        # _encode inlined for the usual str arguments; it still gives the errors.
-        if type(service) is str:
-            raw_service = service.encode(encoding, "surrogateescape")
-            if 0 in raw_service:
-                self._encode(service, "service name")
-        else:
-            raw_service = self._encode(service, "service name")
-        raw_user = None
-        if type(user) is str:
-            raw_user = user.encode(encoding, "surrogateescape")
-            if 0 in raw_user:
-                self._encode(user, "user name")
-        elif user is not None:
-            raw_user = self._encode(user, "user name")
+        raw_service = self._encode(service, "service name")
+        raw_user = None if user is None else self._encode(user, "user name")
         if confdir is None:
             confdir = self.default_confdir
         raw_confdir = None if confdir is None else self._encode(str(confdir), "confdir")
@@ -161,7 +158,8 @@ class PamApplication:
         if not isinstance(value, str):
             raise TypeError(f"the {what} must be str, not {type(value).__name__}")
         raw = value.encode(self._encoding, "surrogateescape")
-        if b"\0" in raw:
+        # 0, not b"\0": bytes.__contains__ tries an int first (no TypeError to clear)
+        if 0 in raw:
             raise ValueError(f"the {what} {value!r} contains a NUL byte")
         return raw
 
@@ -211,37 +209,26 @@ class PamApplication:
             if code != _SUCCESS:
                 raise error_class(code)(_libpam.strerror(pointer, code), code=code)
 
-    # The phases call _flags only when a flag is asked for: with the defaults
-    # (all False, flags=0) the value is 0, and building the arguments of
-    # _flags cost more than the rest of the Python side of a phase.
-    @staticmethod
-    def _flags(silent: bool, *more: tuple[bool, Flag], flags: int = 0) -> int:
-        value = int(flags) | (Flag.SILENT if silent else 0)
-        for wanted, flag in more:
-            if wanted:
-                value |= flag
-        return value
-
     # -- the phases ----------------------------------------------------------
 
     def authenticate(
         self, silent: bool = False, disallow_null_authtoken: bool = False, *, flags: int = 0
     ) -> Any:
         """pam_authenticate: who is the user? May converse."""
-        if silent or disallow_null_authtoken or flags or type(flags) is not int:
-            flags = self._flags(
-                silent, (disallow_null_authtoken, Flag.DISALLOW_NULL_AUTHTOK), flags=flags
-            )
+        if silent:
+            flags |= _SILENT
+        if disallow_null_authtoken:
+            flags |= _DISALLOW_NULL_AUTHTOK
         self._run_phase(_libpam.pam_authenticate, flags)
 
     def account_management(
         self, silent: bool = False, disallow_null_authtoken: bool = False, *, flags: int = 0
     ) -> Any:
         """pam_acct_mgmt: may this account log in now (expiry, access rules)?"""
-        if silent or disallow_null_authtoken or flags or type(flags) is not int:
-            flags = self._flags(
-                silent, (disallow_null_authtoken, Flag.DISALLOW_NULL_AUTHTOK), flags=flags
-            )
+        if silent:
+            flags |= _SILENT
+        if disallow_null_authtoken:
+            flags |= _DISALLOW_NULL_AUTHTOK
         self._run_phase(_libpam.pam_acct_mgmt, flags)
 
     def acct_mgmt(
@@ -252,54 +239,58 @@ class PamApplication:
 
     def open_session(self, silent: bool = False, *, flags: int = 0) -> Any:
         """pam_open_session; :meth:`end` closes it if you do not."""
-        if silent or flags or type(flags) is not int:
-            flags = self._flags(silent, flags=flags)
+        if silent:
+            flags |= _SILENT
         self._run_phase(_libpam.pam_open_session, flags)
         self._session_open = True
 
     def close_session(self, silent: bool = False, *, flags: int = 0) -> Any:
         """pam_close_session."""
         self._session_open = False
-        if silent or flags or type(flags) is not int:
-            flags = self._flags(silent, flags=flags)
+        if silent:
+            flags |= _SILENT
         self._run_phase(_libpam.pam_close_session, flags)
 
     def change_authtoken(
         self, silent: bool = False, change_expired_authtoken: bool = False, *, flags: int = 0
     ) -> Any:
         """pam_chauthtok: change the password (or other token). Converses."""
-        if silent or change_expired_authtoken or flags or type(flags) is not int:
-            flags = self._flags(
-                silent, (change_expired_authtoken, Flag.CHANGE_EXPIRED_AUTHTOK), flags=flags
-            )
+        if silent:
+            flags |= _SILENT
+        if change_expired_authtoken:
+            flags |= _CHANGE_EXPIRED_AUTHTOK
         self._run_phase(_libpam.pam_chauthtok, flags)
 
     def setcred(self, flags: int) -> Any:
         """pam_setcred with raw flags; the four methods below name them."""
-        action = int(flags) & (
-            Flag.ESTABLISH_CRED | Flag.DELETE_CRED | Flag.REINITIALIZE_CRED | Flag.REFRESH_CRED
-        )
-        if action == Flag.DELETE_CRED:
+        action = flags & _CRED_ACTIONS
+        if action == _DELETE_CRED:
             self._credentials_established = False
         self._run_phase(_libpam.pam_setcred, flags)
-        if action and action != Flag.DELETE_CRED:
+        if action and action != _DELETE_CRED:
             self._credentials_established = True
+
+    def _setcred(self, action: int, silent: bool, flags: int) -> None:
+        flags |= action
+        if silent:
+            flags |= _SILENT
+        self.setcred(flags)
 
     def initialize_credentials(self, silent: bool = False, *, flags: int = 0) -> Any:
         """pam_setcred(PAM_ESTABLISH_CRED); :meth:`end` deletes them."""
-        return self.setcred(self._flags(silent, flags=flags | Flag.ESTABLISH_CRED))
+        self._setcred(_ESTABLISH_CRED, silent, flags)
 
     def delete_credentials(self, silent: bool = False, *, flags: int = 0) -> Any:
         """pam_setcred(PAM_DELETE_CRED)."""
-        return self.setcred(self._flags(silent, flags=flags | Flag.DELETE_CRED))
+        self._setcred(_DELETE_CRED, silent, flags)
 
     def reinitialize_credentials(self, silent: bool = False, *, flags: int = 0) -> Any:
         """pam_setcred(PAM_REINITIALIZE_CRED)."""
-        return self.setcred(self._flags(silent, flags=flags | Flag.REINITIALIZE_CRED))
+        self._setcred(_REINITIALIZE_CRED, silent, flags)
 
     def refresh_credentials(self, silent: bool = False, *, flags: int = 0) -> Any:
         """pam_setcred(PAM_REFRESH_CRED)."""
-        return self.setcred(self._flags(silent, flags=flags | Flag.REFRESH_CRED))
+        self._setcred(_REFRESH_CRED, silent, flags)
 
     def get_user(self, prompt: str | None = None) -> str | None:
         """pam_get_user: the user item, asking through the conversation if unset."""
