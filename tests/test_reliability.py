@@ -361,7 +361,6 @@ def test_sixteen_threads_against_pam_matrix_long(sixteen_users):
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="pam_unix needs root to read /etc/shadow")
 def test_sixteen_threads_against_pam_unix(make_service, unix_user):  # noqa: F811
     name, password = unix_user
     service = make_service(UNIX_STACK)

@@ -1,8 +1,9 @@
 """The one module that knows C: libpam's and libc's prototypes and structs.
 
 Everything above this module calls the typed functions defined here and never
-sees a ctypes pointer. Memory that libpam will free is allocated here with
-libc's allocator; memory libpam hands over is copied and freed here.
+sees a ctypes pointer. Memory that libpam will free is allocated here with the
+process's allocator (the one libpam frees with); memory libpam hands over is
+copied and freed here.
 """
 
 from __future__ import annotations
