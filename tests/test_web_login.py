@@ -921,6 +921,48 @@ def test_the_command_with_a_service_and_confdir(page, make_service, tmp_path):
     assert "Traceback" not in err and "never ended" not in err
 
 
+def process_threads(pid: int) -> int:
+    return len(list(pathlib.Path(f"/proc/{pid}/task").iterdir()))
+
+
+def test_the_command_caps_logins_and_releases_them_at_the_timeout(tmp_path):
+    process, url = start_command(
+        "--login-timeout", "1", "--max-logins", "3", "--max-logins-per-address", "2"
+    )
+    try:
+        threads_before = process_threads(process.pid)
+        # Made-up ids start nothing: the form they carry is refused.
+        for number in range(5):
+            status, _headers, body, issued = fetch(url, "/", sid=f"made-up-{number}")
+            assert issued and not issued.startswith("made-up")
+            status, _headers, body, _issued = fetch(
+                url, "/login", sid=f"made-up-{number}", form={"username": "demo", "csrf": "0"}
+            )
+            assert status == 403
+        assert process_threads(process.pid) == threads_before
+
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3"):
+            status, _headers, body, _sid = start_login(url, "demo", source)
+            assert status == 303
+        assert process_threads(process.pid) == threads_before + 3  # one per login
+        status, headers, body, _sid = start_login(url, "demo", "127.0.0.2")
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert "Too many sign-ins from your network" in body
+        status, headers, body, _sid = start_login(url, "demo", "127.0.0.4")
+        assert status == 503 and "Too many sign-ins are in progress" in body
+
+        # Polled or not, the logins nobody answers end at the timeout.
+        wait_until(
+            lambda: process_threads(process.pid) == threads_before,
+            what="the server's PAM threads to finish",
+        )
+        status, _headers, _body, _sid = start_login(url, "demo", "127.0.0.4")
+        assert status == 303
+    finally:
+        err = stop_command(process)
+    assert "Traceback" not in err and "never ended" not in err
+
+
 def test_readme_shows_the_command_and_its_options_exist():
     from examples.web_login.__main__ import parse_arguments
 

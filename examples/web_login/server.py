@@ -258,10 +258,10 @@ class WebLogin:
         """Refuse (503) a login over the caps; ``leaving`` are being replaced by it."""
         in_flight = [flow for flow in self.live if not flow.logged_in and flow not in leaving]
         here = [flow for flow in in_flight if flow.address == address]
-        if len(in_flight) >= self.max_logins:
-            self._too_many(in_flight, "Too many sign-ins are in progress right now.")
         if len(here) >= self.max_logins_per_address:
             self._too_many(here, "Too many sign-ins from your network are in progress right now.")
+        if len(in_flight) >= self.max_logins:
+            self._too_many(in_flight, "Too many sign-ins are in progress right now.")
 
     def _too_many(self, holding: list[LoginFlow], text: str) -> None:
         # The earliest a place frees up without anybody's help: when the
