@@ -680,6 +680,41 @@ def test_a_planted_id_never_becomes_logged_in(page, serve, make_service, tmp_pat
     assert page.title == "Welcome, bob"
 
 
+def test_a_login_slower_than_a_request_still_gets_an_id_made_after_it(serve, make_service):
+    # The answer's response goes out before the stack is done: the id it
+    # carries predates the login, so the first request that sees the login
+    # done replaces it, and only the browser holding it can send that request.
+    stack = MATRIX_STACK.replace(
+        "account ", "account  required pam_exec.so /bin/sleep 1\naccount ", 1
+    )
+    service = make_service(stack, users={"bob": "secret"})
+    server = serve(service, wait_timeout=0.2)
+    _status, _headers, _body, sid = start_login(server.url)
+    [flow] = flows_of(server)
+    _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
+    status, _headers, _body, answered = fetch(
+        server.url,
+        "/answer",
+        sid=sid,
+        form={"csrf": csrf_in(body), "step": str(flow.step), "answer-0": "secret"},
+    )
+    assert status == 303 and answered and answered != sid
+    assert not flow.logged_in
+    ids = [answered]
+    body = ""
+    while "Welcome" not in body:
+        _status, _headers, body, issued = fetch(server.url, "/", sid=ids[-1])
+        if issued:
+            ids.append(issued)
+        assert "Welcome" in body or "Please wait" in body, body
+    assert len(ids) == 2, "the id was not replaced when the login was done"
+    for old in (sid, answered):
+        _status, _headers, body, _issued = fetch(server.url, "/", sid=old)
+        assert "<h1>Sign in</h1>" in body
+    _status, _headers, body, issued = fetch(server.url, "/", sid=ids[-1])
+    assert "<h1>Welcome, bob</h1>" in body and issued is None
+
+
 def test_concurrent_logins_with_one_id_leave_no_flow_behind(serve, make_service, created_flows):
     service = make_service(MATRIX_STACK, users={"bob": "secret"})
     threads_without_server = thread_names()

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 COOKIE = "pamphlet_login"
 MAX_LOGINS = 100
 MAX_LOGINS_PER_ADDRESS = 10
+REFUSAL_LOG_INTERVAL = 10.0  # seconds
 STYLE = (pathlib.Path(__file__).parent / "style.css").read_bytes()
 
 # Pages hold secrets in forms: keep them out of caches; allow nothing inline.
@@ -141,6 +142,8 @@ class WebLogin:
         self._csrf_key = secrets.token_bytes(32)
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
+        self._refusal_logged_at = -math.inf
+        self._refused_since_logged = 0
 
     # -- the aiohttp application --------------------------------------------
 
@@ -269,7 +272,16 @@ class WebLogin:
         now = asyncio.get_running_loop().time()
         earliest = min(flow.last_active for flow in holding) + self.login_timeout - now
         seconds = max(1, min(math.ceil(earliest), math.ceil(self.login_timeout)))
-        log.warning("sign-in refused: %s (%d logins in flight)", text, len(holding))
+        # One line per few seconds at most: a client over the cap must not flood the log.
+        self._refused_since_logged += 1
+        if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "sign-in refused over the caps (%d since the last such line): %s (%d in flight)",
+                self._refused_since_logged,
+                text,
+                len(holding),
+            )
+            self._refusal_logged_at, self._refused_since_logged = now, 0
         raise _Refused(
             503,
             "Try again later",
