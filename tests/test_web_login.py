@@ -803,12 +803,12 @@ def test_answers_extend_a_login_and_nothing_else_does(serve, make_service, tmp_p
         f"auth required {{pam_matrix}} passdb={codes} echo\n"
         + "\n".join(MATRIX_STACK.splitlines()[1:]),
     )
-    server = serve(service, login_timeout=1.5)
+    server = serve(service, login_timeout=3.0)
     _status, _headers, _body, sid = start_login(server.url)
     assert sid
     [flow] = flows_of(server)
     _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
-    time.sleep(1.0)
+    time.sleep(2.0)
     _status, _headers, _body, issued = fetch(
         server.url,
         "/answer",
@@ -816,7 +816,7 @@ def test_answers_extend_a_login_and_nothing_else_does(serve, make_service, tmp_p
         form={"csrf": csrf_in(body), "step": str(flow.step), "answer-0": "secret"},
     )
     sid = issued or sid
-    time.sleep(1.0)  # 2 s since the login began, 1 s since the answer
+    time.sleep(2.0)  # 4 s since the login began, 2 s since the answer
     assert not flow.app.ended
     _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
     assert "Signing in as" in body
@@ -835,12 +835,12 @@ def test_logins_in_flight_are_capped_overall_and_per_address(
     page, serve, make_service, tmp_path, created_flows
 ):
     service = make_service(MATRIX_STACK, users={"bob": "secret"})
-    server = serve(service, login_timeout=2.0, max_logins=4, max_logins_per_address=2)
+    server = serve(service, login_timeout=5.0, max_logins=4, max_logins_per_address=2)
     threads_before = thread_names()
 
     def over_the_cap(status: int, headers: http.client.HTTPMessage, body: str) -> None:
         assert status == 503, body
-        assert 1 <= int(headers["Retry-After"]) <= 2
+        assert 1 <= int(headers["Retry-After"]) <= 5
         assert "<h1>Try again later</h1>" in body
 
     for _ in range(2):
@@ -868,7 +868,7 @@ def test_logins_in_flight_are_capped_overall_and_per_address(
     print(f"screenshot: {shot}")
 
     # The logins nobody answers are released at the timeout; then there is room again.
-    wait_until(lambda: all_released(created_flows), what="the logins to be released")
+    wait_until(lambda: all_released(created_flows), timeout=30, what="the logins to be released")
     wait_for_threads(threads_before)
     status, _headers, _body, _sid = start_login(server.url, source="127.0.0.2")
     assert status == 303
@@ -962,7 +962,7 @@ def process_threads(pid: int) -> int:
 
 def test_the_command_caps_logins_and_releases_them_at_the_timeout(tmp_path):
     process, url = start_command(
-        "--login-timeout", "1", "--max-logins", "3", "--max-logins-per-address", "2"
+        "--login-timeout", "3", "--max-logins", "3", "--max-logins-per-address", "2"
     )
     try:
         threads_before = process_threads(process.pid)
@@ -981,7 +981,7 @@ def test_the_command_caps_logins_and_releases_them_at_the_timeout(tmp_path):
             assert status == 303
         assert process_threads(process.pid) == threads_before + 3  # one per login
         status, headers, body, _sid = start_login(url, "demo", "127.0.0.2")
-        assert status == 503 and headers["Retry-After"] == "1"
+        assert status == 503 and 1 <= int(headers["Retry-After"]) <= 3
         assert "Too many sign-ins from your network" in body
         status, headers, body, _sid = start_login(url, "demo", "127.0.0.4")
         assert status == 503 and "Too many sign-ins are in progress" in body
