@@ -11,12 +11,16 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import paramiko
 import pytest
+
+from conftest import LibpamGate
 
 ROOT = pathlib.Path(__file__).parent.parent
 ASKPASS = pathlib.Path(__file__).parent / "askpass.py"
@@ -38,11 +42,12 @@ session optional pam_echo.so Your session, %u
 class Server:
     """An example server in a subprocess, listening on a free port."""
 
-    def __init__(self, script: pathlib.Path, service, log: pathlib.Path) -> None:
+    def __init__(self, script: pathlib.Path, service, log: pathlib.Path, *options: str) -> None:
         self.log = log
         self.stderr = open(log, "w")  # noqa: SIM115 - closed in stop()
         command = [sys.executable, str(script), "--port", "0", "--service", service.name]
         command += ["--confdir", service.confdir]
+        command += options
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -69,6 +74,27 @@ class Server:
         while self.log.read_text().count(text) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.log.read_text()
+
+    def handles(self) -> tuple[int, int]:
+        """How many PAM handles the server has started and ended, from its log."""
+        log = self.log.read_text()
+        return log.count(" started ("), log.count(" ended (")
+
+    def wait_for_handles_ended(self, timeout: float = 30) -> tuple[int, int]:
+        deadline = time.monotonic() + timeout
+        started, ended = self.handles()
+        while started != ended and time.monotonic() < deadline:
+            time.sleep(0.02)
+            started, ended = self.handles()
+        return started, ended
+
+    def settled_threads(self) -> int:
+        """The thread count once it has stopped changing (threads of past logins gone)."""
+        previous, current = -1, self.threads()
+        while current != previous:
+            time.sleep(0.2)
+            previous, current = current, self.threads()
+        return current
 
     def stop(self) -> None:
         self.process.terminate()
@@ -112,6 +138,7 @@ class Ssh:
         ]
 
     def start(self, user: str, answers: list[str]) -> tuple[subprocess.Popen[str], pathlib.Path]:
+        """Start ssh; askpass answers its prompts with ``answers``, in order."""
         self.runs += 1
         log = self.directory / f"askpass-{self.runs}.log"
         env = {
@@ -158,9 +185,10 @@ def login(server_script, make_service, tmp_path):
     """``login(stack) -> (server, ssh)`` with users bob:secret and alice:wonder."""
     started = []
 
-    def start(stack: str = STACK):
-        service = make_service(stack, users={"bob": "secret", "alice": "wonder"})
-        server = Server(server_script, service, tmp_path / "server.log")
+    def start(stack: str = STACK, *options: str, service=None):
+        if service is None:
+            service = make_service(stack, users={"bob": "secret", "alice": "wonder"})
+        server = Server(server_script, service, tmp_path / "server.log", *options)
         started.append(server)
         return server, Ssh(server.port, tmp_path)
 
@@ -292,3 +320,81 @@ def test_answers_that_do_not_fit_the_prompts_are_refused(login):
     log = server.wait_for_log("PAM handle of bob ended")
     assert "the answers of bob did not fit the prompts" in log
     assert "logged in" not in log
+
+
+def kbdint_request(user: str) -> paramiko.Message:
+    """A USERAUTH_REQUEST for keyboard-interactive, as a client sends it."""
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_USERAUTH_REQUEST)
+    message.add_string(user)
+    message.add_string("ssh-connection")
+    message.add_string("keyboard-interactive")
+    message.add_string("")  # language
+    message.add_string("")  # submethods
+    return message
+
+
+def test_a_login_retried_then_dropped_ends_every_handle(login, tmp_path):
+    """The client retries while the server waits for its answers, then hangs up.
+
+    The first attempt's phase is held inside libpam (a pam_exec gate after
+    its aborted conversation) while the retry waits for it to end, and the
+    client drops right then: asyncssh cancels the waiting retry, as it
+    cancels any authentication in progress when the connection goes.
+    Every PAM handle the server started must still be ended, at once, and
+    every thread it started for the login must be gone.
+    """
+    gate = LibpamGate(tmp_path)
+    stack = STACK.replace(
+        "auth required {pam_matrix} passdb={passdb} verbose\n",
+        "auth required {pam_matrix} passdb={passdb} verbose\n" + gate.line("auth") + "\n",
+    )
+    server, ssh = login(stack)
+    gate.open()  # warm up: the threads a server keeps once it has served a login
+    result, _ = ssh.run("alice", ["wonder"])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    assert server.wait_for_handles_ended() == (1, 1)
+    baseline = server.settled_threads()
+    gate.opened.unlink()
+    gate.entered.unlink()
+
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    transport = paramiko.Transport(sock)
+    retried, dropped = threading.Event(), threading.Event()
+
+    def retry_instead_of_answering(title, instructions, prompts):
+        if prompts and not retried.is_set():
+            transport._send_message(kbdint_request("bob"))
+            retried.set()
+            dropped.wait(60)
+        return ["secret"] * len(prompts)
+
+    def authenticate():
+        try:
+            transport.auth_interactive("bob", retry_instead_of_answering)
+        except (paramiko.SSHException, EOFError, OSError):
+            pass  # the connection is dropped under it
+
+    client = threading.Thread(target=authenticate, daemon=True)
+    try:
+        transport.start_client(timeout=30)
+        client.start()
+        assert retried.wait(30)
+        # the first attempt's phase: conversation aborted by the retry, now
+        # inside libpam, and the retry waits for it to end
+        gate.wait_entered()
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    finally:
+        dropped.set()
+        transport.close()
+        client.join(30)
+    gate.open()
+    started, ended = server.wait_for_handles_ended()
+    log = server.log.read_text()
+    assert started >= 2 and ended == started, log
+    assert [line for line in log.splitlines() if " ended (" in line][-1].endswith("(0 open)")
+    assert server.wait_for_threads(baseline) == baseline
+    # and the server still serves
+    result, _ = ssh.run("bob", ["secret"])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
