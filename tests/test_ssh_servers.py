@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import socket
 import subprocess
@@ -398,3 +399,73 @@ def test_a_login_retried_then_dropped_ends_every_handle(login, tmp_path):
     # and the server still serves
     result, _ = ssh.run("bob", ["secret"])
     assert result.returncode == 0, result.stderr + server.log.read_text()
+
+
+UNIX_STACK = """\
+auth required pam_unix.so
+account required pam_unix.so
+password required pam_unix.so yescrypt
+session required pam_unix.so
+"""
+
+
+@pytest.fixture
+def expired_user():
+    """A throwaway system user whose password has expired (``chage -d 0``)."""
+    name = "pmph" + secrets.token_hex(4)
+    password = "Pw-" + secrets.token_hex(8)
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/false", name], check=True)
+    try:
+        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+        subprocess.run(["chage", "-d", "0", name], check=True)
+        yield name, password
+    finally:
+        subprocess.run(["userdel", name], check=True)
+
+
+@pytest.mark.root  # pam_unix reads and writes /etc/shadow
+def test_an_expired_password_is_changed_in_the_same_exchange(login, make_service, expired_user):
+    """As OpenSSH's sshd: account management says the password has expired,
+    the client changes it in the same keyboard-interactive exchange, and only
+    then is let in; the new password is the one that works next time."""
+    name, old = expired_user
+    new = "Nw-" + secrets.token_hex(8)
+    server, ssh = login(service=make_service(UNIX_STACK))
+    result, asked = ssh.run(name, [old, old, new, new])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    assert result.stdout.startswith(f"Hello {name}\n")
+    prefix = f"({name}@127.0.0.1) "
+    assert asked == [
+        prefix + "Password: ",
+        prefix + "Current password: ",
+        prefix + "New password: ",
+        prefix + "Retype new password: ",
+    ]
+    # pam_unix's messages were shown to the client, not asked
+    assert "You are required to change your password immediately" in result.stderr
+    assert f"Changing password for {name}." in result.stderr
+    assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
+
+    # the change took: the new password logs in, with nothing more to change
+    result, asked = ssh.run(name, [new])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    assert asked == [prefix + "Password: "]
+    result, _ = ssh.run(name, [old])
+    assert result.returncode == 255
+
+
+@pytest.mark.root
+def test_an_expired_password_not_changed_is_refused(login, make_service, expired_user):
+    name, old = expired_user
+    server, ssh = login(service=make_service(UNIX_STACK))
+    # the right password, then a wrong current password for the change
+    result, asked = ssh.run(name, [old, "wrong", "Nw-x1y2z3w4", "Nw-x1y2z3w4"])
+    assert result.returncode == 255
+    assert "Hello" not in result.stdout
+    assert len(asked) == 2  # Password, Current password: the change failed there
+    assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
+    # still expired, still the old password: the next login must change it
+    new = "Nw-" + secrets.token_hex(8)
+    result, asked = ssh.run(name, [old, old, new, new])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    assert len(asked) == 4
