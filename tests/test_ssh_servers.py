@@ -21,6 +21,7 @@ import time
 import paramiko
 import pytest
 
+import pamphlet
 from conftest import LibpamGate
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -469,3 +470,123 @@ def test_an_expired_password_not_changed_is_refused(login, make_service, expired
     result, asked = ssh.run(name, [old, old, new, new])
     assert result.returncode == 0, result.stderr + server.log.read_text()
     assert len(asked) == 4
+
+
+def test_paramiko_the_login_grace_ending_mid_retry_leaves_no_handle(matrix, monkeypatch):
+    """The grace time ends (serve_connection calls end_pam) while the transport's
+    thread is between ending a retried attempt's handle and making the next:
+    that next handle must not be kept, nor wait for answers that never come."""
+    from examples import ssh_server
+
+    made: list[pamphlet.ThreadedPamApplication] = []
+    making, made_go_on = threading.Event(), threading.Event()
+
+    class HeldApplication(pamphlet.ThreadedPamApplication):
+        def __init__(self, *args, **kwargs):
+            making.set()
+            made_go_on.wait(30)  # held between the old handle's end and the new one
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(pamphlet, "ThreadedPamApplication", HeldApplication)
+    server = ssh_server.SshServer(matrix.name, matrix.confdir, "127.0.0.1")
+    outcome = []
+    transport_thread = threading.Thread(
+        target=lambda: outcome.append(server.check_auth_interactive("bob", "")), daemon=True
+    )
+    try:
+        transport_thread.start()
+        assert making.wait(30)
+        server.end_pam()  # the login grace time is over
+        made_go_on.set()
+        transport_thread.join(30)
+        assert outcome == [paramiko.AUTH_FAILED]
+        assert len(made) == 1
+        assert made[0].ended  # ended at once, not left for the garbage collector
+        assert made[0].conversation_timeout is not None
+        assert server.pam is None
+    finally:
+        made_go_on.set()
+        for app in made:
+            app.end()
+
+
+def test_paramiko_every_handle_has_a_conversation_timeout(matrix):
+    from examples import ssh_server
+
+    server = ssh_server.SshServer(matrix.name, matrix.confdir, "127.0.0.1")
+    try:
+        query = server.check_auth_interactive("bob", "")
+        assert isinstance(query, paramiko.server.InteractiveQuery)
+        assert server.pam is not None
+        assert 0 < server.pam.conversation_timeout <= ssh_server.LOGIN_GRACE
+    finally:
+        server.end_pam()
+    assert server.pam is None
+
+
+def banner_or_eof(sock: socket.socket) -> bytes:
+    """The server's first bytes: its SSH banner, or b"" if it closed the connection."""
+    sock.settimeout(30)
+    try:
+        return sock.recv(64)
+    except ConnectionResetError:
+        return b""
+
+
+def test_connections_logging_in_are_capped(login):
+    """--max-startups 2: a third connection that has not logged in is closed before
+    the banner; a slot freed by a client leaving is given to the next."""
+    server, ssh = login(STACK, "--max-startups", "2")
+    result, _ = ssh.run("alice", ["wonder"])  # warm up
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    server.wait_for_handles_ended()
+    baseline = server.settled_threads()
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    refused = []
+    try:
+        for sock in held:
+            assert banner_or_eof(sock).startswith(b"SSH-2.0-")
+        for _ in range(10):
+            refused.append(socket.create_connection(("127.0.0.1", server.port)))
+            assert banner_or_eof(refused[-1]) == b""
+        assert "too many logins in progress" in server.log.read_text()
+        result, _ = ssh.run("bob", ["secret"])
+        assert result.returncode == 255
+        assert "Hello" not in result.stdout
+        assert server.threads() <= baseline + 8  # two connections' worth, not twelve
+    finally:
+        for sock in held + refused:
+            sock.close()
+    # the slots come back when the connections end
+    deadline = time.monotonic() + 30
+    while True:
+        result, _ = ssh.run("bob", ["secret"])
+        if result.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+
+
+def test_a_login_past_its_grace_time_is_ended(login):
+    """--login-grace 2: a client that never answers is disconnected, its handle
+    ended and its threads gone, without waiting for the conversation timeout."""
+    server, ssh = login(STACK, "--login-grace", "2")
+    result, _ = ssh.run("alice", ["wonder"])  # warm up
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    server.wait_for_handles_ended()
+    baseline = server.settled_threads()
+    process, askpass_log = ssh.start("bob", ["<hang up>"])  # waits at the prompt
+    try:
+        deadline = time.monotonic() + 30
+        while not askpass_log.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert askpass_log.exists()  # the server's phase waits in its conversation
+        # (ssh itself notices only once askpass returns)
+        started, ended = server.wait_for_handles_ended()
+        assert started == ended == 2, server.log.read_text()
+        assert server.wait_for_threads(baseline) == baseline
+    finally:
+        (askpass_log.parent / (askpass_log.name + ".hangup")).touch()
+        process.kill()
+        process.wait()
