@@ -144,7 +144,7 @@ class SshAuthInterface(paramiko.server.ServerInterface):
             return self.refuse(pam, ValueError("the answers did not fit the prompts"))
         try:
             pam.set_input(answers)
-        except pamphlet.ConversationStateError as error:  # aborted under us: the time is up
+        except RuntimeError as error:  # aborted or ended under us: the time is up
             return self.refuse(pam, error)
         return self.respond(pam, self.next_data(pam))
 
