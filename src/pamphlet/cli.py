@@ -117,11 +117,10 @@ OPERATIONS = tuple(_PHASES)
 
 @dataclass(frozen=True)
 class Operation:
-    """One operation of the command line: its name, flags and the text given."""
+    """One operation of the command line: its name and flags."""
 
     name: str
     flags: int
-    text: str
 
     @property
     def flag_names(self) -> list[str]:
@@ -217,7 +216,7 @@ def parse_operation(text: str) -> Operation:
     name, expression = match.group(1), match.group(2)
     if name not in _PHASES:
         raise UsageError(f"unknown operation {name!r} (known: {', '.join(OPERATIONS)})")
-    return Operation(name, parse_flags(expression or ""), text)
+    return Operation(name, parse_flags(expression or ""))
 
 
 def _assignment(text: str, what: str) -> tuple[str, str]:
@@ -331,12 +330,9 @@ class _CommandLineApp(PamApplication):
                 answers.append(None)
         return answers
 
-    def end(self) -> None:
-        # Like pamtester, run only the operations named on the command line:
-        # no implied close_session or setcred(PAM_DELETE_CRED) on the way out.
-        self._session_open = False
-        self._credentials_established = False
-        super().end()
+    # Like pamtester, run only the operations named on the command line:
+    # no implied close_session or setcred(PAM_DELETE_CRED) on the way out.
+    _end_closes = False
 
 
 # -- running ------------------------------------------------------------------
