@@ -54,9 +54,7 @@ class BrowserLogin(AsyncPamApplication):
         self._flow = flow
         super().__init__(service, user, confdir=confdir)
 
-    async def conversation(  # type: ignore[override]  # the async flavour of the contract
-        self, messages: list[Message]
-    ) -> list[str]:
+    async def conversation(self, messages: list[Message]) -> list[str]:
         return await self._flow.converse(messages)
 
 
