@@ -579,6 +579,11 @@ def main(
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["broker"]:  # ``pamphlet broker ...``: the broker's own command line
+        from .broker.server import main as broker_main
+
+        return broker_main(argv[1:])
     parser = _parser()
     arguments = parser.parse_args(argv)
     try:

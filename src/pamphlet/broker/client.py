@@ -118,7 +118,12 @@ class BrokerTransport:
         if sock is None:
             raise WorkerDied("this transaction's connection to the broker is closed")
         try:
-            protocol.send_frame(sock, request)
+            try:
+                protocol.send_frame(sock, request)
+            except (BrokenPipeError, ConnectionResetError):
+                # The broker may have refused this peer and closed before
+                # reading: its refusal is still there to read.
+                pass
             while True:
                 frame = protocol.recv_frame(
                     sock, max_size=MAX_REPLY_FRAME, wait=None, frame_timeout=FRAME_TIMEOUT
