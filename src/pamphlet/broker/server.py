@@ -15,10 +15,12 @@ import argparse
 import collections
 import dataclasses
 import errno
+import gc
 import grp
 import json
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -38,6 +40,9 @@ __all__ = ["Broker", "Audit", "FailureCounter", "main"]
 
 #: How long a stopping broker waits for its workers before SIGKILL.
 STOP_GRACE = 10.0
+#: Workers forked ahead, waiting for a connection: the fork is then paid
+#: between logins, not during one.
+SPARES = 2
 
 
 class Audit:
@@ -169,6 +174,7 @@ class Broker:
         confdir: str | None = None,
         audit: Audit | None = None,
         socket_path: str | None = None,
+        spares: int = SPARES,
     ) -> None:
         self.policy = policy
         self.listener = listener
@@ -182,6 +188,8 @@ class Broker:
         self.pending_by_uid: collections.Counter[int] = collections.Counter()
         self.stopping = False
         self.served = 0
+        self.spares: list[tuple[int, socket.socket]] = []
+        self.spare_count = spares
         self._peer_cache: dict[tuple[int, int], tuple[float, Peer]] = {}
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -197,7 +205,10 @@ class Broker:
             signum: signal.signal(signum, self._on_signal)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
         }
+        gc.collect()
+        gc.freeze()  # what the broker holds now is never scanned again in a worker
         try:
+            self._replenish()
             while not self.stopping:
                 self._turn()
             self._stop()
@@ -400,21 +411,57 @@ class Broker:
         raw_service: bytes,
         raw_user: bytes | None,
     ) -> None:
+        """Hand ``conn`` to a spare worker (forked now if none is waiting)."""
+        if not self.spares:
+            self._spawn_spare()
+        if not self.spares:
+            self._refuse(conn, peer, service, user, "busy", "cannot start a worker")
+            return
+        pid, control = self.spares.pop(0)
+        assignment = protocol.encode_frame(
+            {
+                "op": "assign",
+                "rule": rule.index,
+                "service": protocol.b64(raw_service),
+                "user": protocol.b64(raw_user),
+            }
+        )
+        try:
+            socket.send_fds(control, [assignment], [conn.fileno()])
+        except OSError as exc:
+            _kill(pid, signal.SIGKILL)
+            control.close()
+            self._refuse(conn, peer, service, user, "busy", f"cannot start a worker: {exc}")
+            return
+        conn.close()
+        control.setblocking(False)
+        record = _Worker(pid, control, peer, rule, service, user, FrameBuffer(MAX_REPLY_FRAME))
+        self.workers[pid] = record
+        self.in_flight[rule.index] += 1
+        self.served += 1
+        self.selector.register(control, selectors.EVENT_READ, record)
+        self._replenish()
+
+    def _replenish(self) -> None:
+        while len(self.spares) < self.spare_count and not self.stopping:
+            if not self._spawn_spare():
+                return
+
+    def _spawn_spare(self) -> bool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             pid = os.fork()
         except OSError as exc:
             ours.close()
             theirs.close()
-            self._refuse(conn, peer, service, user, "busy", f"cannot start a worker: {exc}")
-            return
-        if pid == 0:  # the worker
+            self.audit.log(event="fork-failed", error=exc.strerror)
+            return False
+        if pid == 0:  # a spare worker
             status = 0
             try:
                 ours.close()
-                wake = self._become_worker(conn, theirs)
-                worker.run(conn, theirs, rule, self.policy.limits, raw_service, raw_user,
-                           self.confdir, wake)
+                wake = self._become_worker()
+                self._serve_as_spare(theirs, wake)
             except BaseException:
                 status = 70
                 try:
@@ -425,15 +472,28 @@ class Broker:
             finally:
                 os._exit(status)
         theirs.close()
-        conn.close()
-        ours.setblocking(False)
-        record = _Worker(pid, ours, peer, rule, service, user, FrameBuffer(MAX_REPLY_FRAME))
-        self.workers[pid] = record
-        self.in_flight[rule.index] += 1
-        self.served += 1
-        self.selector.register(ours, selectors.EVENT_READ, record)
+        self.spares.append((pid, ours))
+        return True
 
-    def _become_worker(self, conn: socket.socket, control: socket.socket) -> int:
+    def _serve_as_spare(self, control: socket.socket, wake: int) -> None:
+        """Wait for a connection from the broker, then serve its transaction."""
+        ready, _, _ = select.select([control, wake], [], [])
+        if wake in ready:
+            return
+        data, fds, _, _ = socket.recv_fds(control, 65536, 1)
+        if len(fds) != 1:
+            return  # the broker is gone
+        conn = socket.socket(fileno=fds[0])
+        frames = FrameBuffer(MAX_REPLY_FRAME).feed(data)
+        (assignment,) = frames
+        raw_service = protocol.unb64(assignment["service"], "service", 256)
+        raw_user = protocol.unb64(assignment["user"], "user")
+        assert raw_service is not None
+        rule = self.policy.rules[assignment["rule"]]
+        worker.run(conn, control, rule, self.policy.limits, raw_service, raw_user,
+                   self.confdir, wake)
+
+    def _become_worker(self) -> int:
         """In a fresh fork: drop what belongs to the broker, take SIGTERM as 'end'."""
         signal.set_wakeup_fd(-1)
         self.selector.close()
@@ -442,6 +502,8 @@ class Broker:
             other.close()
         for record in self.workers.values():
             record.control.close()
+        for _, control in self.spares:
+            control.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -489,7 +551,7 @@ class Broker:
             record.summary = frame
 
     def _reap(self) -> None:
-        while self.workers:
+        while self.workers or self.spares:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -499,6 +561,15 @@ class Broker:
             record = self.workers.pop(pid, None)
             if record is not None:
                 self._finish(record, status)
+            else:
+                self._forget_spare(pid)
+
+    def _forget_spare(self, pid: int) -> None:
+        for spare in self.spares:
+            if spare[0] == pid:
+                self.spares.remove(spare)
+                spare[1].close()
+                return
 
     def _finish(self, record: _Worker, status: int) -> None:
         if not record.eof:
@@ -551,23 +622,27 @@ class Broker:
             self.socket_path = None
         for pending in list(self.pending.values()):
             self._drop_pending(pending, "shutdown", "the broker is shutting down")
+        for pid, control in self.spares:
+            _kill(pid, signal.SIGTERM)
         for pid in self.workers:
             _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
-        while self.workers and time.monotonic() < deadline:
+        while (self.workers or self.spares) and time.monotonic() < deadline:
             for key, _ in self.selector.select(0.05):
                 if isinstance(key.data, _Worker):
                     self._read_control(key.data)
                 elif key.data == "wake":
                     _drain(self._wake_r)
             self._reap()
-        for pid in self.workers:
+        for pid in [*self.workers, *(spare[0] for spare in self.spares)]:
             _kill(pid, signal.SIGKILL)
-        while self.workers:
+        while self.workers or self.spares:
             pid, status = os.waitpid(-1, 0)
             record = self.workers.pop(pid, None)
             if record is not None:
                 self._finish(record, status)
+            else:
+                self._forget_spare(pid)
         self.audit.log(event="stopped", served=self.served)
 
 
@@ -688,6 +763,13 @@ def _parser() -> argparse.ArgumentParser:
         help="where the audit lines go (default: syslog when /dev/log exists, else stderr)",
     )
     parser.add_argument(
+        "--spares",
+        metavar="N",
+        type=int,
+        default=SPARES,
+        help=f"workers forked ahead of logins (default {SPARES})",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="read and check the policy, then exit"
     )
     return parser
@@ -732,6 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         confdir=arguments.confdir,
         audit=Audit(arguments.audit),
         socket_path=path,
+        spares=max(0, arguments.spares),
     )
     print(f"pamphlet broker: listening on {path or 'the socket systemd passed'}",
           file=sys.stderr, flush=True)
