@@ -60,8 +60,8 @@ class SshAuthInterface(paramiko.server.ServerInterface):
         self.logger = logging.getLogger("ssh.auth")
         self.pam: pamphlet.ThreadedPamApplication | None = None
         self.auth_thread: threading.Thread | None = None
-        self.after_authentication: list[Callable[[], threading.Thread]] = []
         self.asked: list[pamphlet.Message] = []
+        self.outcome: int | None = None  # decided, told once the user saw the messages
         self.session_open = False
 
     def get_allowed_auths(self, username: str) -> str:
@@ -73,7 +73,6 @@ class SshAuthInterface(paramiko.server.ServerInterface):
         self.end_pam()  # a retry starts afresh: the last attempt's handle ends first
         self.pam = pamphlet.ThreadedPamApplication(self.pam_service, username, confdir=self.confdir)
         self.pam.rhost = self.client_host
-        self.after_authentication = [self.pam.account_management]
         self.auth_thread = self.pam.authenticate()
         data = self.next_data()
         return self.respond(data)
@@ -82,6 +81,9 @@ class SshAuthInterface(paramiko.server.ServerInterface):
         self, responses: list[str]
     ) -> int | paramiko.server.InteractiveQuery:
         assert self.pam is not None and self.auth_thread is not None
+        if self.outcome is not None:
+            outcome, self.outcome = self.outcome, None
+            return outcome
         answers = self.answers_to(responses)
         if answers is None:
             self.logger.warning("the answers of %s did not fit the prompts", self.pam.user)
@@ -104,11 +106,21 @@ class SshAuthInterface(paramiko.server.ServerInterface):
             return paramiko.AUTH_FAILED
         if not data:  # None: the phase succeeded
             self.auth_thread.join()
-            if self.after_authentication:
-                self.auth_thread = self.after_authentication.pop(0)()
-                return self.respond(self.next_data())
-            self.logger.info("%s logged in from %s", self.pam.user, self.client_host)
-            return paramiko.AUTH_SUCCESSFUL
+            outcome = paramiko.AUTH_SUCCESSFUL
+            try:
+                self.pam.account_management()  # a plain call: returns or raises
+            except pamphlet.PamError as error:
+                self.logger.warning("account of %s refused: %r", self.pam.user, error)
+                outcome = paramiko.AUTH_FAILED
+            else:
+                self.logger.info("%s logged in from %s", self.pam.user, self.client_host)
+            said = self.pam.pop_messages()
+            if not said:
+                return outcome
+            # What the account modules said reaches the user before the outcome.
+            self.outcome = outcome
+            self.asked = said
+            return paramiko.server.InteractiveQuery(instructions="\n".join(said))
         self.asked = data
         q = paramiko.server.InteractiveQuery(
             instructions="\n".join(m for m in data if not m.is_prompt)
@@ -137,23 +149,11 @@ class SshAuthInterface(paramiko.server.ServerInterface):
 
     # -- after authentication ------------------------------------------------------------
 
-    def run_quietly(self, start: Callable[[], threading.Thread]) -> list[str]:
-        """Run a phase nobody can answer now: collect what it says, refuse its questions."""
+    def run_quietly(self, phase: Callable[[], None]) -> list[str]:
+        """Run a phase nobody can answer now: what it said; a question fails it."""
         assert self.pam is not None
-        self.auth_thread = start()
-        said: list[str] = []
-        data = self.next_data()
-        while isinstance(data, list):
-            if any(m.is_prompt for m in data):
-                self.pam.abort()  # PAM_CONV_ERR: no one is there to answer
-            else:
-                said.extend(data)
-                self.pam.set_input([""] * len(data))
-            data = self.next_data()
-        self.auth_thread.join()
-        if data is not None:
-            raise data
-        return said
+        phase()
+        return list(self.pam.pop_messages())
 
     def open_pam_session(self) -> list[str]:
         """Credentials, then the session; the messages the modules said."""

@@ -11,6 +11,7 @@ import pamphlet
 from conftest import ScriptedApp, run_python
 from pamphlet import _libpam, conversation
 from pamphlet.constants import PAM_MAX_NUM_MSG, ReturnCode
+from pamphlet.testing import TemporaryService
 
 # Each case runs in its own interpreter, where a crash would show as a dead
 # process instead of taking pytest down. The password is "sec": a conversation
@@ -188,24 +189,38 @@ def _chatty() -> str:
 # -- what a buggy module could send: the callback called as libpam calls it --
 
 
-class _Owner:
-    _encoding = "utf-8"
+@pytest.fixture(scope="module")
+def permit_service():
+    with TemporaryService("auth required pam_permit.so") as service:
+        yield service
+
+
+class _Owner(pamphlet.PamApplication):
+    """A real application whose transaction is called as libpam would call it."""
+
+    service: TemporaryService
 
     def __init__(self, answers=None):
-        self._conversation_error = None
         self.answers = answers
         self.seen = None
+        super().__init__(self.service.name, "bob", confdir=self.service.confdir)
 
-    def _answer(self, messages):
+    def conversation(self, messages):
         self.seen = list(messages)
         return self.answers if self.answers is not None else ["ok"] * len(messages)
 
-    def _fail_delay_called(self, status, delay_usec):
-        pass
+    @property
+    def _conversation_error(self):
+        return self._transaction._failure
+
+
+@pytest.fixture(autouse=True)
+def _owner_service(permit_service):
+    _Owner.service = permit_service
 
 
 def _call(owner, styles_texts, *, num_msg=None, null_msg=False, null_resp=False):
-    key = conversation.register(owner)
+    key = conversation.register(owner._transaction)
     try:
         messages = [_libpam.PamMessage(style, text) for style, text in styles_texts]
         array = (ctypes.POINTER(_libpam.PamMessage) * max(1, len(messages)))(
@@ -313,7 +328,7 @@ def test_conversation_changing_the_message_list_fails_closed(mutation, count):
     # conversation was handed (which it may change): a short response array
     # would let the module read past its end.
     class Owner(_Owner):
-        def _answer(self, messages):
+        def conversation(self, messages):
             answers = ["pw"] * len(messages)
             if mutation == "pop":
                 messages.pop()

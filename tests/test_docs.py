@@ -200,7 +200,9 @@ def test_python_example(block, tmp_path):
             text=True,
             timeout=120,
             cwd=tmp_path,
-            env=dict(os.environ, PAMPHLET_GUIDE_CONFDIR=services.confdir),
+            # Unbuffered, as in a terminal: an example's prints and its
+            # subprocess's output show in the order the page shows.
+            env=dict(os.environ, PAMPHLET_GUIDE_CONFDIR=services.confdir, PYTHONUNBUFFERED="1"),
             start_new_session=True,  # no terminal: getpass and input read stdin
         )
     expected_exit = int(block.options.get("exit", "0"))

@@ -37,7 +37,7 @@ from pamphlet.testing import TemporaryService
 
 class Echo(pamphlet.PamApplication):
     def conversation(self, messages):
-        self.seen.append([[int(m.style), m.encode(self._encoding, "surrogateescape").hex()]
+        self.seen.append([[int(m.style), m.encode(self.encoding, "surrogateescape").hex()]
                           for m in messages])
         return ["re:" + m if m.is_prompt else None for m in messages]
 

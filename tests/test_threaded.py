@@ -216,10 +216,15 @@ def test_a_second_phase_while_one_runs_is_refused(matrix):
     app.get_data()
     with pytest.raises(pamphlet.HandleBusyError, match="already running"):
         app.account_management()
+    with pytest.raises(pamphlet.HandleBusyError, match="already running"):
+        app.change_authtoken()
     app.set_input(["secret"])
     assert app.get_data() is None
     # once the outcome is out, the next phase may start at once
-    thread = app.account_management()
+    assert app.account_management() is None
+    thread = app.authenticate()
+    assert app.get_data() == ["Password: "]
+    app.set_input(["secret"])
     assert app.get_data() is None
     thread.join(10)
     app.end()
@@ -256,22 +261,85 @@ def test_items_while_the_phase_is_inside_libpam_raise_at_once(make_service, libp
     app.end()
 
 
-def test_every_phase_returns_its_thread(matrix):
+def test_only_authenticate_change_authtoken_and_get_user_return_threads(matrix):
     app = start(matrix)
-    app.authenticate()
+    thread = app.authenticate()
+    assert isinstance(thread, threading.Thread)
     app.get_data()
     app.set_input(["secret"])
     assert app.get_data() is None
-    for phase in (app.acct_mgmt, app.initialize_credentials, app.open_session):
-        thread = phase()
-        assert isinstance(thread, threading.Thread)
-        assert app.get_data() is None
-        thread.join(10)
+    thread.join(10)
+    # The other phases are plain calls, as the API document's code expects.
+    assert app.acct_mgmt() is None
+    assert app.initialize_credentials() is None
+    assert app.open_session() is None
     assert app.environ["HOMEDIR"] == "/home/bob"
     assert "CRED" in app.environ
-    thread = app.close_session()
-    assert app.get_data() is None
+    assert app.close_session() is None
     assert "HOMEDIR" not in app.environ
+    app.end()
+
+
+def test_threaded_account_management_after_login_raises_for_a_refused_account(make_service):
+    # Code written from the API document: join the login thread, then ask the
+    # account. A refused account must raise there, not hand back a thread.
+    service = make_service(users={"bob": "secret"})
+    service.add_service(
+        "other-service", "auth required {pam_matrix} passdb={passdb}\naccount required pam_deny.so"
+    )
+    app = pamphlet.ThreadedPamApplication("other-service", "bob", confdir=service.confdir)
+    thread = app.authenticate()
+    assert isinstance(thread, threading.Thread)
+    assert app.get_data() == ["Password: "]
+    app.set_input(["secret"])
+    assert app.get_data() is None
+    thread.join(10)
+    with pytest.raises(pamphlet.AuthenticationError):
+        app.account_management()
+    app.end()
+
+
+def test_threaded_plain_phase_keeps_messages_for_the_server_to_relay(make_service):
+    service = make_service(
+        "session required pam_echo.so opening for %u\nauth required pam_permit.so"
+    )
+    app = pamphlet.ThreadedPamApplication(service.name, "bob", confdir=service.confdir)
+    assert app.open_session() is None
+    assert app.pop_messages() == ["opening for bob"]
+    assert app.pop_messages() == []
+    app.end()
+
+
+def test_threaded_plain_phase_fails_closed_on_a_prompt_and_names_it(make_service, scripted):
+    from hostile_module import Call
+
+    line, _ = scripted.line(
+        [Call([(1, b"One-time code: ")], expect=[b"x"])], kind="account", control="optional"
+    )
+    service = make_service(f"{line}\naccount required pam_permit.so")
+    app = pamphlet.ThreadedPamApplication(service.name, "bob", confdir=service.confdir)
+    # optional + permit: only pamphlet can make this fail; it must, and at once.
+    with pytest.raises(pamphlet.ConversationError) as caught:
+        app.account_management()
+    cause = caught.value.__cause__
+    assert isinstance(cause, pamphlet.UnansweredPromptError)
+    assert cause.prompt == "One-time code: " and "One-time code" in str(cause)
+    app.end()
+
+
+def test_threaded_subclass_with_a_conversation_answers_plain_phases(make_service, scripted):
+    from hostile_module import Call, read_record
+
+    line, record = scripted.line([Call([(1, b"Code: ")], expect=[b"42"])], kind="account")
+    service = make_service(line)
+
+    class Answering(pamphlet.ThreadedPamApplication):
+        def conversation(self, messages):
+            return ["42" for _ in messages]
+
+    app = Answering(service.name, "bob", confdir=service.confdir)
+    assert app.account_management() is None
+    assert read_record(record).mismatches == []
     app.end()
 
 
@@ -313,9 +381,7 @@ def test_end_does_not_converse_but_closes_the_session(make_service, tmp_path):
     )
     app = start(service)
     app.open_session()
-    assert app.get_data() == ["closing"]  # open_session says it too
-    app.set_input([""])
-    assert app.get_data() is None
+    assert app.pop_messages() == ["closing"]  # open_session says it too, kept to relay
     app.end()  # pam_echo cannot speak now; the close still runs pam_exec
     assert marker.exists()
 

@@ -133,7 +133,7 @@ class LoginFlow:
                 return False
             try:
                 await asyncio.wait_for(self._next_screen.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
         return True
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .application import FailDelay, PamAplication, PamApplication
 from .constants import (
     PAM_MAX_MSG_SIZE,
     PAM_MAX_NUM_MSG,
@@ -18,7 +17,6 @@ from .constants import (
     MessageStyle,
     ReturnCode,
 )
-from .environ import PamEnvironment
 from .errors import (
     Abort,
     AccountExpired,
@@ -31,12 +29,15 @@ from .errors import (
     AuthTokenRecoveryError,
     BadItem,
     BufferError,
+    ConversationAborted,
     ConversationAgain,
     ConversationError,
+    ConversationStateError,
     CredenrialsUnavailable,
     CredentialError,
     CredentialExpired,
     CredentialsUnavailable,
+    HandleBusyError,
     HandleEndedError,
     Ignore,
     Incomplete,
@@ -53,6 +54,7 @@ from .errors import (
     SymbolError,
     SystemError,
     TryAgain,
+    UnansweredPromptError,
     UserUnknown,
     error_class,
 )
@@ -64,13 +66,6 @@ from .message import (
     PAM_RADIO_TYPE,
     PAM_TEXT_INFO,
     Message,
-)
-from .simple import UnansweredPromptError, authenticate, change_password
-from .threaded import (
-    ConversationAborted,
-    ConversationStateError,
-    HandleBusyError,
-    ThreadedPamApplication,
 )
 
 __version__ = "0.1.0"
@@ -143,10 +138,27 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .aio import AsyncPamApplication, FailDelayPolicy, libpam_delay
+    from .application import FailDelay, PamAplication, PamApplication
+    from .environ import PamEnvironment
+    from .simple import authenticate, change_password
+    from .threaded import ThreadedPamApplication
 
-# asyncio costs tens of milliseconds to import; a command line tool or a
-# threaded server should not pay for it. The async names load on first use.
-_LAZY = {"AsyncPamApplication": "aio", "FailDelayPolicy": "aio", "libpam_delay": "aio"}
+# The names below load on first use. Those that drive a handle load libpam,
+# which the pytest plugin (pamphlet.testing) must not do when it is merely
+# registered; and asyncio costs tens of milliseconds to import, which a
+# command line tool or a threaded server should not pay.
+_LAZY = {
+    "PamApplication": "application",
+    "PamAplication": "application",
+    "FailDelay": "application",
+    "PamEnvironment": "environ",
+    "ThreadedPamApplication": "threaded",
+    "authenticate": "simple",
+    "change_password": "simple",
+    "AsyncPamApplication": "aio",
+    "FailDelayPolicy": "aio",
+    "libpam_delay": "aio",
+}
 
 
 def __getattr__(name: str) -> Any:

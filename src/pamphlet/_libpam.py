@@ -17,10 +17,13 @@ from ctypes import (
     byref,
     c_char_p,
     c_int,
+    c_size_t,
     c_uint,
     c_void_p,
 )
 from typing import Any
+
+from .constants import Item, Phase, ReturnCode
 
 __all__ = [
     "LibPamNotFoundError",
@@ -58,9 +61,8 @@ _pam = _load_libpam()
 # calloc and free are looked up in the process's global scope, as libpam and
 # its modules look up the free() they call on our answers: with an allocator
 # preloaded (jemalloc, tcmalloc), libc.so.6's own calloc would hand them
-# memory that the preloaded free() cannot free.
-# A PyDLL keeps the GIL over the call: these never block nor call back into
-# Python, and releasing and retaking the GIL would cost more than they do.
+# memory that the preloaded free() cannot free. (A PyDLL: these never block,
+# so there is no reason to release the GIL around them.)
 _libc = ctypes.PyDLL(None)
 
 
@@ -74,8 +76,8 @@ class PamResponse(Structure):
     _fields_ = [("resp", c_void_p), ("resp_retcode", c_int)]
 
 
-# The message and response arrays arrive as plain addresses: ctypes builds no
-# pointer objects per call; read_messages and write_responses walk them.
+# The message and response arrays arrive as plain addresses, walked by
+# read_messages and write_responses.
 CONV_FUNC = CFUNCTYPE(c_int, c_int, c_void_p, c_void_p, c_void_p)
 FAIL_DELAY_FUNC = CFUNCTYPE(None, c_int, c_uint, c_void_p)
 
@@ -122,10 +124,7 @@ _OPTIONAL_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     ),
 }
 _LIBC_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
-    # calloc's size_t arguments are declared c_void_p, of the same size and
-    # calling convention on every Linux ABI: ctypes converts a Python int to
-    # c_void_p several times faster than to c_size_t.
-    "calloc": (c_void_p, [c_void_p, c_void_p]),
+    "calloc": (c_void_p, [c_size_t, c_size_t]),
     # strdup allocates through malloc as libc itself calls it, so an
     # interposed allocator sees our answers as its own.
     "strdup": (c_void_p, [c_char_p]),
@@ -146,61 +145,26 @@ for _name, _proto in _OPTIONAL_PROTOTYPES.items():
         _f[_name] = _declare(_pam, _name, *_proto)
 _c = {name: _declare(_libc, name, *proto) for name, proto in _LIBC_PROTOTYPES.items()}
 
-pam_end: Callable[[c_void_p, int], int] = _f["pam_end"]
-pam_authenticate: Callable[[c_void_p, int], int] = _f["pam_authenticate"]
-pam_setcred: Callable[[c_void_p, int], int] = _f["pam_setcred"]
-pam_acct_mgmt: Callable[[c_void_p, int], int] = _f["pam_acct_mgmt"]
-pam_open_session: Callable[[c_void_p, int], int] = _f["pam_open_session"]
-pam_close_session: Callable[[c_void_p, int], int] = _f["pam_close_session"]
-pam_chauthtok: Callable[[c_void_p, int], int] = _f["pam_chauthtok"]
-pam_putenv: Callable[[c_void_p, bytes], int] = _f["pam_putenv"]
 _pam_start = _f["pam_start"]
 _pam_start_confdir = _f.get("pam_start_confdir")
+_pam_end = _f["pam_end"]
 _pam_set_item = _f["pam_set_item"]
 _pam_get_item = _f["pam_get_item"]
 _pam_get_user = _f["pam_get_user"]
 _pam_strerror = _f["pam_strerror"]
 _pam_getenv = _f["pam_getenv"]
+_pam_putenv = _f["pam_putenv"]
 _pam_getenvlist = _f["pam_getenvlist"]
 _calloc = _c["calloc"]
 _strdup = _c["strdup"]
 _free = _c["free"]
-_string_at = ctypes.string_at
 
-HAS_CONFDIR = _pam_start_confdir is not None
+_PHASE_FUNCTIONS: dict[Phase, Callable[[c_void_p, int], int]] = {
+    phase: _f[f"pam_{phase.value}"] for phase in Phase
+}
+
 NULL_HANDLE = c_void_p()
-
-
-class Handle:
-    """An opaque pam_handle_t pointer with the conversation that must outlive it."""
-
-    __slots__ = ("pointer", "conv")
-
-    def __init__(self, pointer: c_void_p, conv: PamConv) -> None:
-        self.pointer = pointer
-        self.conv = conv
-
-
-def make_conv(callback: Any, appdata: int) -> PamConv:
-    """A pam_conv struct pointing at ``callback`` with ``appdata`` as its key."""
-    return PamConv(callback, appdata)
-
-
-def start(
-    service: bytes, user: bytes | None, conv: PamConv, confdir: bytes | None
-) -> tuple[int, c_void_p]:
-    """pam_start or pam_start_confdir; the code and the new handle."""
-    pointer = c_void_p()
-    if confdir is None:
-        code = _pam_start(service, user, byref(conv), byref(pointer))
-    else:
-        if _pam_start_confdir is None:
-            raise NotImplementedError(
-                "this libpam has no pam_start_confdir (Linux-PAM 1.4 or newer "
-                "is needed for confdir=)"
-            )
-        code = _pam_start_confdir(service, user, byref(conv), confdir, byref(pointer))
-    return code, pointer
+_BUF_ERR = int(ReturnCode.BUF_ERR)
 
 
 def strerror(handle: c_void_p, code: int) -> str:
@@ -208,95 +172,151 @@ def strerror(handle: c_void_p, code: int) -> str:
     return text.decode("utf-8", "replace") if text else f"PAM error {code}"
 
 
-def get_item_pointer(handle: c_void_p, item: int) -> tuple[int, int | None]:
-    """pam_get_item: the code and the item's raw address (None for NULL)."""
-    out = c_void_p()
-    code: int = _pam_get_item(handle, item, byref(out))
-    return code, out.value
+class Handle:
+    """libpam in this process: a pam_handle_t and the callbacks that must outlive it.
 
+    Its methods are the in-process transport under pamphlet's transaction
+    (``pamphlet._transaction.Transport``), in bytes; ``end`` runs once.
+    """
 
-def get_string_item(handle: c_void_p, item: int) -> tuple[int, bytes | None]:
-    code, address = get_item_pointer(handle, item)
-    if code or not address:
-        return code, None
-    return code, _string_at(address)
+    __slots__ = ("_pointer", "_conv", "_fail_delay", "_release")
 
+    def __init__(
+        self, pointer: c_void_p, conv: PamConv, fail_delay: Any, release: Callable[[], None]
+    ) -> None:
+        self._pointer = pointer
+        self._conv = conv
+        self._fail_delay = fail_delay
+        self._release = release
 
-def set_string_item(handle: c_void_p, item: int, value: bytes | None) -> int:
-    # libpam copies the string, so a Python buffer is fine here.
-    code: int = _pam_set_item(handle, item, value)
-    return code
+    @classmethod
+    def start(
+        cls,
+        service: bytes,
+        user: bytes | None,
+        confdir: bytes | None,
+        *,
+        conversation: Any,
+        fail_delay: Any,
+        appdata: int,
+        release: Callable[[], None],
+    ) -> tuple[int, Handle | None]:
+        """pam_start (pam_start_confdir with a confdir): the code, and the handle on success.
 
+        ``conversation`` (a CONV_FUNC) and ``fail_delay`` (a FAIL_DELAY_FUNC)
+        get ``appdata``; ``release`` runs once the handle has ended.
+        """
+        conv = PamConv(conversation, appdata)
+        pointer = c_void_p()
+        if confdir is None:
+            code: int = _pam_start(service, user, byref(conv), byref(pointer))
+        else:
+            if _pam_start_confdir is None:
+                raise NotImplementedError(
+                    "this libpam has no pam_start_confdir (Linux-PAM 1.4 or newer "
+                    "is needed for confdir=)"
+                )
+            code = _pam_start_confdir(service, user, byref(conv), confdir, byref(pointer))
+        if code != 0:
+            return code, None
+        return code, cls(pointer, conv, fail_delay, release)
 
-def get_xauthdata(handle: c_void_p) -> tuple[int, tuple[bytes, bytes] | None]:
-    """PAM_XAUTHDATA as (name, data); None when it is empty (Linux-PAM's unset)."""
-    code, address = get_item_pointer(handle, 12)
-    if code or not address:
-        return code, None
-    data = PamXauthData.from_address(address)
-    name = _string_at(data.name, data.namelen) if data.name and data.namelen > 0 else b""
-    blob = _string_at(data.data, data.datalen) if data.data and data.datalen > 0 else b""
-    return code, (name, blob) if name or blob else None
+    def call(self, phase: Phase, flags: int) -> int:
+        return _PHASE_FUNCTIONS[phase](self._pointer, flags)
 
+    def strerror(self, code: int) -> str:
+        return strerror(self._pointer, code)
 
-def set_xauthdata(handle: c_void_p, value: tuple[bytes, bytes] | None) -> int:
-    if value is None:
-        # Linux-PAM dereferences the item, so "unset" is an all-zero struct.
-        # It clears the item, then reports PAM_BUF_ERR for the NULL name it
-        # did not copy: for this call that code means success.
-        empty = PamXauthData(0, None, 0, None)
-        code: int = _pam_set_item(handle, 12, byref(empty))
-        return 0 if code == 5 else code
-    name, blob = value
-    # libpam copies name and data out of the struct (pam_set_item).
-    name_buf = ctypes.create_string_buffer(name, len(name) + 1)
-    data_buf = ctypes.create_string_buffer(blob, len(blob) + 1)
-    data = PamXauthData(
-        len(name), ctypes.addressof(name_buf), len(blob), ctypes.addressof(data_buf)
-    )
-    code = _pam_set_item(handle, 12, byref(data))
-    return code
+    def _item_address(self, item: int) -> tuple[int, int | None]:
+        out = c_void_p()
+        code: int = _pam_get_item(self._pointer, item, byref(out))
+        return code, out.value
 
+    def get_item(self, item: int) -> tuple[int, bytes | None]:
+        """A string item (the caller has checked that it is one)."""
+        code, address = self._item_address(item)
+        if code or not address:
+            return code, None
+        return code, ctypes.string_at(address)
 
-def set_fail_delay(handle: c_void_p, callback: Any) -> int:
-    """Point PAM_FAIL_DELAY at a FAIL_DELAY_FUNC, or at nothing with None."""
-    pointer = None if callback is None else ctypes.cast(callback, c_void_p)
-    code: int = _pam_set_item(handle, 10, pointer)
-    return code
+    def set_item(self, item: int, value: bytes | None) -> int:
+        """A string item (the caller has checked that it is one); libpam copies it."""
+        code: int = _pam_set_item(self._pointer, item, value)
+        return code
 
+    def get_xauthdata(self) -> tuple[int, tuple[bytes, bytes] | None]:
+        """PAM_XAUTHDATA as (name, data); None when it is empty (Linux-PAM's unset)."""
+        code, address = self._item_address(Item.XAUTHDATA)
+        if code or not address:
+            return code, None
+        data = PamXauthData.from_address(address)
+        name = ctypes.string_at(data.name, data.namelen) if data.name and data.namelen > 0 else b""
+        blob = ctypes.string_at(data.data, data.datalen) if data.data and data.datalen > 0 else b""
+        return code, (name, blob) if name or blob else None
 
-def get_user(handle: c_void_p, prompt: bytes | None) -> tuple[int, bytes | None]:
-    out = c_char_p()
-    code: int = _pam_get_user(handle, byref(out), prompt)
-    return code, out.value
+    def set_xauthdata(self, value: tuple[bytes, bytes] | None) -> int:
+        if value is None:
+            # Linux-PAM dereferences the item, so "unset" is an all-zero struct.
+            # It clears the item, then reports PAM_BUF_ERR for the NULL name it
+            # did not copy: for this call that code means success.
+            empty = PamXauthData(0, None, 0, None)
+            code: int = _pam_set_item(self._pointer, Item.XAUTHDATA, byref(empty))
+            return 0 if code == _BUF_ERR else code
+        name, blob = value
+        # libpam copies name and data out of the struct (pam_set_item).
+        name_buf = ctypes.create_string_buffer(name, len(name) + 1)
+        data_buf = ctypes.create_string_buffer(blob, len(blob) + 1)
+        data = PamXauthData(
+            len(name), ctypes.addressof(name_buf), len(blob), ctypes.addressof(data_buf)
+        )
+        code = _pam_set_item(self._pointer, Item.XAUTHDATA, byref(data))
+        return code
 
+    def set_fail_delay(self, enabled: bool) -> int:
+        """Point PAM_FAIL_DELAY at the fail-delay callback, or at nothing."""
+        pointer = ctypes.cast(self._fail_delay, c_void_p) if enabled else None
+        code: int = _pam_set_item(self._pointer, Item.FAIL_DELAY, pointer)
+        return code
 
-def getenv(handle: c_void_p, name: bytes) -> bytes | None:
-    value: bytes | None = _pam_getenv(handle, name)
-    return value
+    def get_user(self, prompt: bytes | None) -> tuple[int, bytes | None]:
+        out = c_char_p()
+        code: int = _pam_get_user(self._pointer, byref(out), prompt)
+        return code, out.value
 
+    def getenv(self, name: bytes) -> bytes | None:
+        value: bytes | None = _pam_getenv(self._pointer, name)
+        return value
 
-def getenvlist(handle: c_void_p) -> list[bytes] | None:
-    """pam_getenvlist, copied into Python and freed; None when libpam fails."""
-    address = _pam_getenvlist(handle)
-    if not address:
-        return None
-    array = ctypes.cast(address, POINTER(c_void_p))
-    entries = []
-    try:
-        i = 0
-        while True:
-            entry = array[i]
-            if not entry:
-                break
-            try:
-                entries.append(_string_at(entry))
-            finally:
-                _free(entry)
-            i += 1
-    finally:
-        _free(address)
-    return entries
+    def putenv(self, entry: bytes) -> int:
+        code: int = _pam_putenv(self._pointer, entry)
+        return code
+
+    def getenvlist(self) -> list[bytes] | None:
+        """pam_getenvlist, copied into Python and freed; None when libpam fails."""
+        address = _pam_getenvlist(self._pointer)
+        if not address:
+            return None
+        array = ctypes.cast(address, POINTER(c_void_p))
+        entries = []
+        try:
+            i = 0
+            while entry := array[i]:
+                try:
+                    entries.append(ctypes.string_at(entry))
+                finally:
+                    _free(entry)
+                i += 1
+        finally:
+            _free(address)
+        return entries
+
+    def end(self, status: int) -> int:
+        pointer, self._pointer = self._pointer, NULL_HANDLE
+        try:
+            code: int = _pam_end(pointer, status)
+        finally:
+            self._release()
+        return code
 
 
 _POINTER_SIZE = ctypes.sizeof(c_void_p)
@@ -304,45 +324,22 @@ _RESPONSE_SIZE = ctypes.sizeof(PamResponse)
 # resp is pam_response's first field: response i's pointer is at
 # array + i * _RESPONSE_SIZE.
 assert PamResponse.resp.offset == 0
-_pointer_at = c_void_p.from_address
-_message_at = PamMessage.from_address
-
-
-def read_message(msg: int) -> tuple[int, bytes]:
-    """The (style, text) of the message whose pointer is at the address ``msg``;
-    NULL text reads as b''."""
-    address = _pointer_at(msg).value
-    if not address:
-        raise ValueError("a module passed a NULL message pointer")
-    message = _message_at(address)
-    return message.msg_style, message.msg or b""
 
 
 def read_messages(num_msg: int, msg: int) -> list[tuple[int, bytes]]:
-    """The (style, text) pairs of a conversation call.
+    """The (style, text) pairs of a conversation call; NULL text reads as b''.
 
-    ``msg`` is the address of the module's array of ``num_msg`` message pointers.
+    ``msg`` is the address of the module's array of ``num_msg`` message pointers
+    (Linux-PAM's and OpenPAM's layout).
     """
-    end = msg + num_msg * _POINTER_SIZE
-    return [read_message(address) for address in range(msg, end, _POINTER_SIZE)]
-
-
-def write_response(resp: int, answer: bytes | None) -> bool:
-    """write_responses for one answer."""
-    array_address = _calloc(1, _RESPONSE_SIZE)
-    if not array_address:
-        return False
-    if answer is not None:
-        if 0 in answer:  # strdup would stop there: never a truncated secret
-            _free(array_address)
-            raise ValueError("an answer holding a NUL byte reached write_response")
-        copy = _strdup(answer)
-        if not copy:
-            _free(array_address)
-            return False
-        _pointer_at(array_address).value = copy
-    _pointer_at(resp).value = array_address
-    return True
+    messages = []
+    for i in range(num_msg):
+        address = c_void_p.from_address(msg + i * _POINTER_SIZE).value
+        if not address:
+            raise ValueError("a module passed a NULL message pointer")
+        message = PamMessage.from_address(address)
+        messages.append((message.msg_style, message.msg or b""))
+    return messages
 
 
 def write_responses(resp: int, answers: list[bytes | None]) -> bool:
@@ -351,29 +348,29 @@ def write_responses(resp: int, answers: list[bytes | None]) -> bool:
     Each non-None answer becomes a libc-allocated copy; None leaves that
     response NULL. Returns False, with nothing allocated, when memory runs out.
     """
-    count = len(answers)
-    array_address = _calloc(count, _RESPONSE_SIZE)
+    array_address = _calloc(len(answers), _RESPONSE_SIZE)
     if not array_address:
         return False
     for i, answer in enumerate(answers):
         if answer is None:
             continue
-        if 0 in answer:  # strdup would stop there: never a truncated secret
+        if b"\0" in answer:  # strdup would stop there: never a truncated secret
             free_responses(array_address, i)
             raise ValueError("an answer holding a NUL byte reached write_responses")
         copy = _strdup(answer)
         if not copy:
             free_responses(array_address, i)
             return False
-        _pointer_at(array_address + i * _RESPONSE_SIZE).value = copy
-    _pointer_at(resp).value = array_address
+        c_void_p.from_address(array_address + i * _RESPONSE_SIZE).value = copy
+    c_void_p.from_address(resp).value = array_address
     return True
 
 
 def free_responses(array_address: int, count: int) -> None:
+    """Wipe and free the first ``count`` answers of a response array, then the array."""
     for i in range(count):
-        copy = _pointer_at(array_address + i * _RESPONSE_SIZE).value
+        copy = c_void_p.from_address(array_address + i * _RESPONSE_SIZE).value
         if copy:
-            ctypes.memset(copy, 0, len(_string_at(copy)))
+            ctypes.memset(copy, 0, len(ctypes.string_at(copy)))
             _free(copy)
     _free(array_address)

@@ -11,22 +11,21 @@ from __future__ import annotations
 import _thread
 import asyncio
 import concurrent.futures
-import functools
 import inspect
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
+from typing import Any, Literal, NoReturn, Self, TypeVar
 
-from .application import PamApplication
+from . import application
+from ._flavours import HandleGuard, PhaseThread, wrap_phase
+from .application import ApplicationBase, FailDelay
+from .errors import ConversationAborted
 from .message import Message
-from .threaded import ConversationAborted, PhaseThreads
 
 __all__ = ["AsyncPamApplication", "FailDelayPolicy", "libpam_delay"]
 
-_P = ParamSpec("_P")
 _R = TypeVar("_R")
-_T = TypeVar("_T", bound="AsyncPamApplication")
 
 FailDelayPolicy = Callable[[int, int], float]
 """``policy(status, delay_usec) -> seconds``: how long to await after a phase.
@@ -46,31 +45,14 @@ def _settle(future: asyncio.Future[_R], value: _R) -> None:
         future.set_result(value)
 
 
-def _await_on_the_loop(status: int, delay_usec: int) -> None:
-    """A marker for fail_delay: record the delay, to be awaited on the loop.
-
-    (A plain function rather than a bound method: the handle holds no cycle to itself.)
-    """
+def _awaited(app: AsyncPamApplication, call: Callable[[], _R]) -> Coroutine[Any, Any, _R]:
+    return app._run_phase(call)
 
 
-def awaitable_phase(
-    base: Callable[Concatenate[PamApplication, _P], _R],
-) -> Callable[Concatenate[AsyncPamApplication, _P], Awaitable[_R]]:
-    """A core phase method that runs on a thread of its own and is awaited."""
-
-    def run(self: AsyncPamApplication, /, *args: _P.args, **kwargs: _P.kwargs) -> Awaitable[_R]:
-        if self._guard.held_by_me():
-            # Called by a phase already holding the handle on this thread (the
-            # core's acct_mgmt, initialize_credentials, end): run right here.
-            return cast(Awaitable[_R], base(self, *args, **kwargs))
-        return self._run_phase_on_thread(base, args, kwargs)
-
-    functools.update_wrapper(run, base)
-    run.__doc__ = f"{base.__doc__}\n\nA coroutine: the phase runs on a thread of its own."
-    return run
+_ASYNC_NOTE = "A coroutine: the phase runs on a thread of its own."
 
 
-class AsyncPamApplication(PhaseThreads):
+class AsyncPamApplication(ApplicationBase):
     """A PAM transaction for asyncio: subclass it and write ``async def conversation``.
 
     ::
@@ -84,9 +66,9 @@ class AsyncPamApplication(PhaseThreads):
             await app.account_management()
 
     Every phase is a coroutine. Cancelling the task that awaits one ends its
-    conversation (PAM_CONV_ERR) and lets the phase's thread finish; the
-    handle can still be ended. ``end()`` is a coroutine too, and ``async
-    with`` calls it.
+    conversation (PAM_CONV_ERR) and waits for the phase's thread to leave
+    libpam; the handle can then be ended. ``end()`` is a coroutine too, and
+    ``async with`` calls it.
 
     ``fail_delay`` says what happens to the delay libpam's modules ask for
     after a failure: ``"asyncio"`` (the default) awaits it on the loop with
@@ -100,17 +82,16 @@ class AsyncPamApplication(PhaseThreads):
     :class:`~pamphlet.HandleBusyError` instead of blocking the loop.
     """
 
+    _new_guard = HandleGuard
+
     def __init__(
         self,
-        service: str | None = None,
-        user: str | None = None,
-        *,
-        confdir: str | None = None,
-        encoding: str = "utf-8",
+        *args: Any,
         fail_delay: Literal["asyncio", "libpam"] | FailDelayPolicy = "asyncio",
-        service_name: str | None = None,
-        user_name: str | None = None,
+        **kwargs: Any,
     ) -> None:
+        """``AsyncPamApplication(service, user=None, *, confdir=None, encoding="utf-8",
+        fail_delay="asyncio")``."""
         policy: FailDelayPolicy | None
         if fail_delay == "asyncio":
             policy = libpam_delay
@@ -128,22 +109,17 @@ class AsyncPamApplication(PhaseThreads):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished: asyncio.Future[Any] | None = None
         self._pending_answers: concurrent.futures.Future[Any] | None = None
-        super().__init__(
-            service,
-            user,
-            confdir=confdir,
-            encoding=encoding,
-            service_name=service_name,
-            user_name=user_name,
-        )
+        super().__init__(*args, **kwargs)
+        guard = self._transaction.guard
+        assert isinstance(guard, HandleGuard)
+        self._phase = PhaseThread(guard)
+        self._phase.on_abort = self._cancel_pending_answers
         if policy is not None:
-            self.fail_delay = _await_on_the_loop
+            self._transaction.set_fail_delay(True)
 
     # -- what subclasses write ---------------------------------------------------
 
-    async def conversation(  # type: ignore[override]  # the async flavour's contract
-        self, messages: list[Message]
-    ) -> Iterable[str | bytes | None]:
+    async def conversation(self, messages: list[Message]) -> Iterable[str | bytes | None]:
         """Answer the PAM stack: one answer per message, ``""`` for non-prompts.
 
         A coroutine returning a list (an async generator works too). It runs
@@ -155,48 +131,48 @@ class AsyncPamApplication(PhaseThreads):
 
     # -- the phases ----------------------------------------------------------------
 
-    authenticate = awaitable_phase(PamApplication.authenticate)
-    account_management = awaitable_phase(PamApplication.account_management)
-    acct_mgmt = awaitable_phase(PamApplication.acct_mgmt)
-    open_session = awaitable_phase(PamApplication.open_session)
-    close_session = awaitable_phase(PamApplication.close_session)
-    change_authtoken = awaitable_phase(PamApplication.change_authtoken)
-    setcred = awaitable_phase(PamApplication.setcred)
-    initialize_credentials = awaitable_phase(PamApplication.initialize_credentials)
-    delete_credentials = awaitable_phase(PamApplication.delete_credentials)
-    reinitialize_credentials = awaitable_phase(PamApplication.reinitialize_credentials)
-    refresh_credentials = awaitable_phase(PamApplication.refresh_credentials)
-    get_user = awaitable_phase(PamApplication.get_user)  # type: ignore[assignment]
+    authenticate = wrap_phase(application.authenticate, _awaited, _ASYNC_NOTE)
+    account_management = wrap_phase(application.account_management, _awaited, _ASYNC_NOTE)
+    acct_mgmt = account_management
+    open_session = wrap_phase(application.open_session, _awaited, _ASYNC_NOTE)
+    close_session = wrap_phase(application.close_session, _awaited, _ASYNC_NOTE)
+    change_authtoken = wrap_phase(application.change_authtoken, _awaited, _ASYNC_NOTE)
+    setcred = wrap_phase(application.setcred, _awaited, _ASYNC_NOTE)
+    initialize_credentials = wrap_phase(application.initialize_credentials, _awaited, _ASYNC_NOTE)
+    delete_credentials = wrap_phase(application.delete_credentials, _awaited, _ASYNC_NOTE)
+    reinitialize_credentials = wrap_phase(
+        application.reinitialize_credentials, _awaited, _ASYNC_NOTE
+    )
+    refresh_credentials = wrap_phase(application.refresh_credentials, _awaited, _ASYNC_NOTE)
+    get_user = wrap_phase(application.get_user, _awaited, _ASYNC_NOTE)
 
-    async def _run_phase_on_thread(
-        self,
-        base: Callable[..., _R],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        ending: bool = False,
-    ) -> _R:
+    async def _run_phase(self, call: Callable[[], _R]) -> _R:
+        self._transaction.check_open()
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[tuple[BaseException | None, Any]] = loop.create_future()
 
-        def report(error: BaseException | None, result: Any) -> None:
+        def report(error: BaseException | None, result: object) -> None:
             loop.call_soon_threadsafe(_settle, finished, (error, result))
 
         self._loop = loop
-        self._start_thread(base, args, kwargs, report, ending=ending)
+        self._phase.start(call, report, joinable=False, reset=self._reset)
         # (after the start: a refused start must not replace the running
         # phase's future, which end() awaits; no await comes in between)
         self._finished = finished
         try:
             error, result = await asyncio.shield(finished)
         except asyncio.CancelledError:
-            self._abort_for("the task awaiting the phase was cancelled")
-            # The thread finishes at once now; wait for it, so that nothing
-            # is left inside libpam when the cancellation goes on.
-            await asyncio.shield(finished)
+            self._phase.abort("the task awaiting the phase was cancelled")
+            # Nothing may be left inside libpam when the cancellation goes on:
+            # wait for the thread, through any further cancellation too.
+            while not finished.done():
+                try:
+                    await asyncio.shield(finished)
+                except asyncio.CancelledError:
+                    pass
             raise
         requested, self._requested_delay = self._requested_delay, None
-        if requested is not None and self._delay_policy is not None and not ending:
+        if requested is not None and self._delay_policy is not None:
             status, delay_usec, requested_at = requested
             # counted from when libpam asked, as its own sleep would have been
             seconds = self._delay_policy(status, delay_usec) - (time.monotonic() - requested_at)
@@ -204,51 +180,50 @@ class AsyncPamApplication(PhaseThreads):
                 await asyncio.sleep(seconds)
         if error is not None:
             raise error
-        return cast(_R, result)
+        return result  # type: ignore[no-any-return]
 
-    def _phase_starting(self) -> None:
+    def _reset(self) -> None:
         self._requested_delay = None
 
-    def _spawn(self, target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
-        # The low-level start: threading.Thread.start() waits until the new
-        # thread runs, which stalls the loop for as long as a thousand other
-        # threads keep the new one waiting for the GIL. The phase reports
-        # through its future; nothing joins the thread.
-        _thread.start_new_thread(target, args)
-
-    def _fail_delay_called(self, status: int, delay_usec: int) -> None:
-        if self._fail_delay is _await_on_the_loop:
+    def _on_fail_delay(self, status: int, delay_usec: int) -> None:
+        if self._fail_delay is not None:
+            self._fail_delay(status, delay_usec)
+        elif self._delay_policy is not None:
             # libpam calls this on the phase's thread instead of sleeping
             # there; the phase's coroutine awaits the delay once the thread is gone.
             self._requested_delay = (status, delay_usec, time.monotonic())
-        else:  # the application set its own fail_delay since
-            super()._fail_delay_called(status, delay_usec)
+
+    def _routes_fail_delay(self, function: FailDelay | None) -> bool:
+        return function is not None or self._delay_policy is not None
 
     # -- the conversation, on the loop ------------------------------------------------
 
-    def _wait_for_answers(self, messages: list[Message]) -> Any:
+    def _answer(self, messages: list[Message]) -> Any:
         loop = self._loop
-        if loop is None:  # pragma: no cover - phases always set it
-            raise ConversationAborted("no event loop to run the conversation on")
+        if loop is None or not self._phase.on_phase_thread():
+            raise ConversationAborted("no event loop is running a phase to converse on")
+        with self._phase.state:
+            self._phase.check_not_aborted()
         coroutine = self._converse(messages)
-        try:
-            answers = asyncio.run_coroutine_threadsafe(coroutine, loop)
-        except BaseException:
-            coroutine.close()  # the loop is closed: never scheduled
-            raise
-        with self._state:
-            self._pending_answers = answers
-            if self._aborted:
-                answers.cancel()
-        try:
-            return answers.result()
-        except concurrent.futures.CancelledError:
-            raise ConversationAborted(
-                self._abort_reason or "the conversation coroutine was cancelled"
-            ) from None
-        finally:
-            with self._state:
-                self._pending_answers = None
+        with self._phase.guard.lend():
+            try:
+                answers = asyncio.run_coroutine_threadsafe(coroutine, loop)
+            except BaseException:
+                coroutine.close()  # the loop is closed: never scheduled
+                raise
+            with self._phase.state:
+                self._pending_answers = answers
+                if self._phase.aborted:
+                    answers.cancel()
+            try:
+                return answers.result()
+            except concurrent.futures.CancelledError:
+                raise ConversationAborted(
+                    self._phase.abort_reason or "the conversation coroutine was cancelled"
+                ) from None
+            finally:
+                with self._phase.state:
+                    self._pending_answers = None
 
     async def _converse(self, messages: list[Message]) -> Any:
         answers: Any = self.conversation(messages)
@@ -261,44 +236,64 @@ class AsyncPamApplication(PhaseThreads):
             answers = list(answers)
         return answers
 
-    def _abort_locked(self, reason: str) -> None:
-        super()._abort_locked(reason)
+    def _cancel_pending_answers(self) -> None:
+        # Called under the phase's state by abort.
         if self._pending_answers is not None:
             self._pending_answers.cancel()
 
-    def _abort_for(self, reason: str) -> None:
-        with self._state:
-            if self._phase_running:
-                self._abort_locked(reason)
-
     # -- ending ----------------------------------------------------------------------------
 
-    async def end(self) -> None:  # type: ignore[override]  # a coroutine in this flavour
+    async def end(self) -> None:
         """Abort a running phase, wait for its thread, then end as PamApplication does.
 
         When a session or credentials are still open, closing them runs on a
-        thread of its own, as the phases do. end() does not
-        converse: a module that speaks while end() closes the session gets
-        PAM_CONV_ERR; close the session yourself first if it should be heard.
+        thread of its own, as the phases do. end() does not converse: a
+        module that speaks while end() closes the session gets PAM_CONV_ERR;
+        close the session yourself first if it should be heard.
         """
-        with self._state:
-            self._ending = True
-            if self._phase_running:
-                self._abort_locked("the handle is being ended")
-            running = self._finished if self._phase_running else None
-        if running is not None:
-            await asyncio.shield(running)
-        if self._handle is None:
-            return
-        if self._session_open or self._credentials_established:
-            # closing them runs modules, which may take their time: on a thread
-            await self._run_phase_on_thread(PamApplication.end, (), {}, ending=True)
-        else:
-            # only pam_end is left, which frees the handle: no thread needed
-            self._aborted = True
-            PamApplication.end(self)
+        cancelled = False
+        running = self._finished if self._phase.begin_ending() else None
+        while running is not None and not running.done():
+            try:
+                await asyncio.shield(running)
+            except asyncio.CancelledError:
+                cancelled = True  # ending finishes first, or the handle would stay open
+        transaction = self._transaction
+        if transaction.has_open_state and self._end_closes and not transaction.ended:
+            # Closing runs modules, which may take their time: on a thread.
+            loop = asyncio.get_running_loop()
+            closing: asyncio.Future[BaseException | None] = loop.create_future()
 
-    async def __aenter__(self: _T) -> _T:
+            def close() -> None:
+                error: BaseException | None = None
+                try:
+                    transaction.end(converse=False)
+                except BaseException as exc:
+                    error = exc
+                loop.call_soon_threadsafe(_settle, closing, error)
+
+            # A bare thread, as for the phases: no pool that could be starved.
+            _thread.start_new_thread(close, ())
+            while not closing.done():
+                try:
+                    await asyncio.shield(closing)
+                except asyncio.CancelledError:
+                    cancelled = True
+            error = closing.result()
+            if error is not None:
+                raise error
+        else:
+            transaction.end(close=self._end_closes, converse=False)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def __enter__(self) -> NoReturn:
+        raise TypeError(f"use 'async with' with {type(self).__name__}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Never reached: __enter__ refuses."""
+
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -308,13 +303,3 @@ class AsyncPamApplication(PhaseThreads):
         tb: TracebackType | None,
     ) -> None:
         await self.end()
-
-    def __enter__(self: _T) -> _T:
-        raise TypeError(f"use 'async with' with {type(self).__name__}")
-
-    def _end_in_finalizer(self) -> None:
-        # end() is a coroutine here, and no loop may be left to converse:
-        # end in place, every conversation refused.
-        self._ending = self._aborted = True
-        self._abort_reason = "the handle was never ended; the finalizer ends it"
-        PamApplication.end(self)

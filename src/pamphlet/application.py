@@ -1,83 +1,71 @@
-"""PamApplication: one PAM handle, its phases, its items and its environment."""
+"""PamApplication: one PAM handle, its phases, its items and its environment.
+
+The phases are written once, as the functions below the base class; each
+flavour (this module's PamApplication, ThreadedPamApplication,
+AsyncPamApplication) takes them as they are or wraps them, and all of them
+drive the handle through one private :class:`~pamphlet._transaction.Transaction`.
+"""
 
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
-from _thread import RLock as _RLock
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, ClassVar, Self, overload
 
-from . import _libpam, conversation
-from .constants import Flag, Item, ReturnCode
+from ._transaction import Transaction
+from .constants import Flag, Item, Phase, phase_flags
 from .environ import PamEnvironment
-from .errors import ConversationError, HandleEndedError, error_class
 from .message import Message
 
 __all__ = ["PamApplication", "PamAplication", "FailDelay"]
 
-_SUCCESS = int(ReturnCode.SUCCESS)
-# Plain ints: an IntFlag's | runs Python code, on every phase.
-_SILENT = int(Flag.SILENT)
-_DISALLOW_NULL_AUTHTOK = int(Flag.DISALLOW_NULL_AUTHTOK)
-_CHANGE_EXPIRED_AUTHTOK = int(Flag.CHANGE_EXPIRED_AUTHTOK)
-_ESTABLISH_CRED = int(Flag.ESTABLISH_CRED)
-_DELETE_CRED = int(Flag.DELETE_CRED)
-_REINITIALIZE_CRED = int(Flag.REINITIALIZE_CRED)
-_REFRESH_CRED = int(Flag.REFRESH_CRED)
-_CRED_ACTIONS = _ESTABLISH_CRED | _DELETE_CRED | _REINITIALIZE_CRED | _REFRESH_CRED
-
 FailDelay = Callable[[int, int], object]
 """``f(status, delay_usec)``: called by libpam instead of sleeping after a failure."""
-
-_T = TypeVar("_T")
-
-
-class _HasItems(Protocol):
-    def get_item(self, item: Item) -> str | None: ...
-
-    def set_item(self, item: Item, value: str | None) -> None: ...
 
 
 class _StringItem:
     """A PAM string item as a property; None reads and writes a NULL item."""
 
-    __slots__ = ("item", "doc")
-
     def __init__(self, item: Item, doc: str) -> None:
         self.item = item
-        self.doc = doc
+        self.__doc__ = doc  # what help() and the API reference show for this item
 
     @overload
     def __get__(self, app: None, owner: type) -> _StringItem: ...
     @overload
-    def __get__(self, app: _HasItems, owner: type) -> str | None: ...
-    def __get__(self, app: _HasItems | None, owner: type) -> _StringItem | str | None:
+    def __get__(self, app: ApplicationBase, owner: type) -> str | None: ...
+    def __get__(self, app: ApplicationBase | None, owner: type) -> _StringItem | str | None:
         if app is None:
             return self
-        return app.get_item(self.item)
+        return app._transaction.get_item(self.item)
 
-    def __set__(self, app: _HasItems, value: str | None) -> None:
-        app.set_item(self.item, value)
+    def __set__(self, app: ApplicationBase, value: str | None) -> None:
+        app._transaction.set_item(self.item, value)
 
 
-class PamApplication:
-    """A PAM transaction: subclass it and write ``conversation``.
+class ApplicationBase:
+    """What every flavour of PAM application shares: the handle, items, environment.
 
-    ``PamApplication(service, user=None, *, confdir=None, encoding="utf-8")``
+    ``Flavour(service, user=None, *, confdir=None, encoding="utf-8")``
     starts a handle for ``service`` (looked up in ``/etc/pam.d``, or in
-    ``confdir`` when given). Every phase raises the :class:`PamError` subclass
-    of the code libpam returned. Call :meth:`end` when done, or use the object
-    as a context manager.
+    ``confdir`` when given). The phases are the flavour's own.
     """
-
-    _handle: _libpam.Handle | None = None
 
     #: The confdir used when none is given. None means libpam's own
     #: (/etc/pam.d). Meant for tests of code that creates applications
     #: itself: see :func:`pamphlet.testing.TemporaryService.as_default`.
-    default_confdir: str | None = None
+    #: Set on ``PamApplication``, it serves every flavour.
+    default_confdir: ClassVar[str | None] = None
+
+    # What serialises the use of the handle; the flavours that run phases on
+    # threads of their own use their guard.
+    _new_guard: ClassVar[Callable[[], AbstractContextManager[Any]]] = threading.RLock
+
+    _transaction: Transaction
 
     def __init__(
         self,
@@ -95,277 +83,59 @@ class PamApplication:
         if user is None:
             user = user_name
         if service is None:
-            raise TypeError("PamApplication needs a service name")
-        if encoding != "utf-8":
-            "".encode(encoding)  # an unknown encoding fails here, not mid-phase
-        self._encoding = encoding
-        self._lock = _RLock()  # threading.RLock without its Python wrapper frame
-        self._conversation_error: BaseException | None = None
-        self._last_status = _SUCCESS
-        self._session_open = False
-        self._credentials_established = False
-        self._fail_delay: FailDelay | None = None
-        self._inside_phase = False
-        raw_service = self._encode(service, "service name")
-        raw_user = None if user is None else self._encode(user, "user name")
+            raise TypeError(f"{type(self).__name__} needs a service name")
         if confdir is None:
-            confdir = self.default_confdir
-        raw_confdir = None if confdir is None else self._encode(str(confdir), "confdir")
-        key = conversation.register(self)
-        conv = _libpam.make_conv(conversation.CONVERSATION_CALLBACK, key)
-        try:
-            code, pointer = _libpam.start(raw_service, raw_user, conv, raw_confdir)
-        except BaseException:
-            conversation.unregister(key)
-            raise
-        if code != _SUCCESS:
-            conversation.unregister(key)
-            raise error_class(code)(
-                f"pam_start failed: {_libpam.strerror(pointer, code)}", code=code
-            )
-        self._key = key
-        self._handle = _libpam.Handle(pointer, conv)
+            confdir = self.default_confdir or PamApplication.default_confdir
+        self._fail_delay: FailDelay | None = None
+        self._transaction = Transaction(
+            service,
+            user,
+            confdir=confdir,
+            encoding=encoding,
+            application=self,
+            guard=type(self)._new_guard(),
+        )
+
+    @property
+    def encoding(self) -> str:
+        """How str crosses to libpam's C strings (``surrogateescape`` for undecodable bytes)."""
+        return self._transaction.encoding
 
     @functools.cached_property
     def environ(self) -> PamEnvironment:
         """The PAM environment, a MutableMapping like os.environ."""
-        # Made on first use: it refers back to the application, and that
-        # cycle would leave every transaction to the cyclic collector.
-        return PamEnvironment(self)
+        # Made on first use: most transactions never look.
+        return PamEnvironment(self._transaction)
 
-    # -- what subclasses write ---------------------------------------------
-
-    def conversation(self, messages: list[Message]) -> Iterable[str | bytes | None]:
-        """Answer the PAM stack: one answer per message, ``""`` for non-prompts.
-
-        May return a list or be a generator. The default refuses to converse,
-        which fails the phase with a ConversationError.
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} has no conversation method, but the PAM stack sent {messages!r}"
-        )
-
-    # -- plumbing shared with environ and the callbacks ---------------------
+    # -- what the transaction asks of the application ------------------------------
 
     def _answer(self, messages: list[Message]) -> Any:
-        return self.conversation(messages)
+        """The answers of the flavour's conversation (checked by the transaction)."""
+        raise NotImplementedError
 
-    def _fail_delay_called(self, status: int, delay_usec: int) -> None:
+    def _on_fail_delay(self, status: int, delay_usec: int) -> None:
         if self._fail_delay is not None:
             self._fail_delay(status, delay_usec)
 
-    def _encode(self, value: str, what: str) -> bytes:
-        if not isinstance(value, str):
-            raise TypeError(f"the {what} must be str, not {type(value).__name__}")
-        raw = value.encode(self._encoding, "surrogateescape")
-        # 0, not b"\0": bytes.__contains__ tries an int first (no TypeError to clear)
-        if 0 in raw:
-            raise ValueError(f"the {what} {value!r} contains a NUL byte")
-        return raw
-
-    def _decode(self, raw: bytes) -> str:
-        return raw.decode(self._encoding, "surrogateescape")
-
-    def _require_handle(self) -> Any:
-        handle = self._handle
-        if handle is None:
-            raise HandleEndedError(f"this {type(self).__name__} has been ended; start a new one")
-        return handle.pointer
-
-    def _refuse_reentry(self, action: str) -> None:
-        # Called from inside the conversation, libpam would be re-entered
-        # mid-phase (or, for end(), free the handle it is still using).
-        if self._inside_phase:
-            raise RuntimeError(f"cannot {action} from inside the conversation of a running phase")
-
-    def _check(self, code: int) -> None:
-        if code != _SUCCESS:
-            handle = self._handle
-            pointer = handle.pointer if handle is not None else _libpam.NULL_HANDLE
-            raise error_class(code)(_libpam.strerror(pointer, code), code=code)
-
-    def _run_phase(self, function: Callable[[Any, int], int], flags: int) -> None:
-        with self._lock:
-            handle = self._handle  # _require_handle inlined: every phase passes here
-            pointer = handle.pointer if handle is not None else self._require_handle()
-            if self._inside_phase:  # the check inlined, the error from _refuse_reentry
-                self._refuse_reentry("run a PAM phase")
-            self._inside_phase = True
-            self._conversation_error = None
-            try:
-                code = function(pointer, flags)
-            finally:
-                self._inside_phase = False
-            self._last_status = code
-            failure = self._conversation_error
-            if failure is not None:
-                self._conversation_error = None
-                if not isinstance(failure, Exception):
-                    raise failure  # KeyboardInterrupt, SystemExit: as they are
-                raise ConversationError(
-                    f"the conversation failed ({failure!r}); "
-                    f"libpam said: {_libpam.strerror(pointer, code)}"
-                ) from failure
-            if code != _SUCCESS:
-                raise error_class(code)(_libpam.strerror(pointer, code), code=code)
-
-    # -- the phases ----------------------------------------------------------
-
-    def authenticate(
-        self, silent: bool = False, disallow_null_authtoken: bool = False, *, flags: int = 0
-    ) -> Any:
-        """pam_authenticate: who is the user? May converse."""
-        if silent:
-            flags |= _SILENT
-        if disallow_null_authtoken:
-            flags |= _DISALLOW_NULL_AUTHTOK
-        self._run_phase(_libpam.pam_authenticate, flags)
-
-    def account_management(
-        self, silent: bool = False, disallow_null_authtoken: bool = False, *, flags: int = 0
-    ) -> Any:
-        """pam_acct_mgmt: may this account log in now (expiry, access rules)?"""
-        if silent:
-            flags |= _SILENT
-        if disallow_null_authtoken:
-            flags |= _DISALLOW_NULL_AUTHTOK
-        self._run_phase(_libpam.pam_acct_mgmt, flags)
-
-    def acct_mgmt(
-        self, silent: bool = False, disallow_null_authtoken: bool = False, *, flags: int = 0
-    ) -> Any:
-        """The API document's other name of :meth:`account_management`."""
-        return self.account_management(silent, disallow_null_authtoken, flags=flags)
-
-    def open_session(self, silent: bool = False, *, flags: int = 0) -> Any:
-        """pam_open_session; :meth:`end` closes it if you do not."""
-        if silent:
-            flags |= _SILENT
-        self._run_phase(_libpam.pam_open_session, flags)
-        self._session_open = True
-
-    def close_session(self, silent: bool = False, *, flags: int = 0) -> Any:
-        """pam_close_session."""
-        self._session_open = False
-        if silent:
-            flags |= _SILENT
-        self._run_phase(_libpam.pam_close_session, flags)
-
-    def change_authtoken(
-        self, silent: bool = False, change_expired_authtoken: bool = False, *, flags: int = 0
-    ) -> Any:
-        """pam_chauthtok: change the password (or other token). Converses."""
-        if silent:
-            flags |= _SILENT
-        if change_expired_authtoken:
-            flags |= _CHANGE_EXPIRED_AUTHTOK
-        self._run_phase(_libpam.pam_chauthtok, flags)
-
-    def setcred(self, flags: int) -> Any:
-        """pam_setcred with raw flags; the four methods below name them."""
-        action = flags & _CRED_ACTIONS
-        if action == _DELETE_CRED:
-            self._credentials_established = False
-        self._run_phase(_libpam.pam_setcred, flags)
-        if action and action != _DELETE_CRED:
-            self._credentials_established = True
-
-    def _setcred(self, action: int, silent: bool, flags: int) -> None:
-        flags |= action
-        if silent:
-            flags |= _SILENT
-        self.setcred(flags)
-
-    def initialize_credentials(self, silent: bool = False, *, flags: int = 0) -> Any:
-        """pam_setcred(PAM_ESTABLISH_CRED); :meth:`end` deletes them."""
-        self._setcred(_ESTABLISH_CRED, silent, flags)
-
-    def delete_credentials(self, silent: bool = False, *, flags: int = 0) -> Any:
-        """pam_setcred(PAM_DELETE_CRED)."""
-        self._setcred(_DELETE_CRED, silent, flags)
-
-    def reinitialize_credentials(self, silent: bool = False, *, flags: int = 0) -> Any:
-        """pam_setcred(PAM_REINITIALIZE_CRED)."""
-        self._setcred(_REINITIALIZE_CRED, silent, flags)
-
-    def refresh_credentials(self, silent: bool = False, *, flags: int = 0) -> Any:
-        """pam_setcred(PAM_REFRESH_CRED)."""
-        self._setcred(_REFRESH_CRED, silent, flags)
-
-    def get_user(self, prompt: str | None = None) -> str | None:
-        """pam_get_user: the user item, asking through the conversation if unset."""
-        raw_prompt = None if prompt is None else self._encode(prompt, "prompt")
-        result: list[bytes | None] = []
-
-        def call(pointer: Any, _flags: int) -> int:
-            code, user = _libpam.get_user(pointer, raw_prompt)
-            result.append(user)
-            return code
-
-        with self._lock:
-            last_status = self._last_status
-            self._run_phase(call, 0)
-            self._last_status = last_status  # not a phase: end() keeps its status
-        user = result[0] if result else None
-        return None if user is None else self._decode(user)
-
-    # -- ending --------------------------------------------------------------
+    # -- ending ------------------------------------------------------------------------
 
     @property
     def ended(self) -> bool:
-        """True once :meth:`end` has run."""
-        return self._handle is None
+        """True once the handle has been ended."""
+        return self._transaction.ended
 
-    def end(self) -> None:
-        """Close an open session, delete established credentials, then pam_end.
-
-        Idempotent. Failures of the implied close and delete are not raised:
-        call them yourself first if you need to know.
-        """
-        with self._lock:
-            handle = self._handle
-            if handle is None:
-                return
-            if self._inside_phase:
-                self._refuse_reentry("end the handle")
-            try:
-                if self._session_open:
-                    try:
-                        self.close_session()
-                    except Exception:
-                        pass
-                if self._credentials_established:
-                    try:
-                        self.delete_credentials()
-                    except Exception:
-                        pass
-            finally:
-                self._handle = None
-                code = _libpam.pam_end(handle.pointer, self._last_status)
-                conversation.unregister(self._key)
-            if code != _SUCCESS:
-                raise error_class(code)(
-                    f"pam_end failed: {_libpam.strerror(_libpam.NULL_HANDLE, code)}",
-                    code=code,
-                )
-
-    def __enter__(self: _T) -> _T:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.end()
+    #: Whether ending closes an open session and deletes established
+    #: credentials first. The command line tool, like pamtester, runs only the
+    #: operations it is told to.
+    _end_closes: ClassVar[bool] = True
 
     def __del__(self) -> None:
-        if self._handle is None:
+        transaction = getattr(self, "_transaction", None)
+        if transaction is None or transaction.ended:
             return
         try:
             warnings.warn(
-                f"{type(self).__name__} for service {self.service!r} was never ended",
+                f"{type(self).__name__} was never ended",
                 ResourceWarning,
                 source=self,
                 stacklevel=2,
@@ -373,36 +143,29 @@ class PamApplication:
         except Exception:
             pass
         try:
-            # Weak references may already be gone in a cyclic collection; the
-            # conversation must still find this object while end() runs.
-            conversation.reregister(self._key, self)
-            self._end_in_finalizer()
+            transaction.end(close=self._end_closes, converse=False)
         except BaseException:
             pass
 
-    def _end_in_finalizer(self) -> None:
-        """How __del__ ends the handle; a flavour whose end() is a coroutine overrides it."""
-        self.end()
-
     def __repr__(self) -> str:
-        if self._handle is None:
+        if self.ended:
             return f"<{type(self).__name__} (ended)>"
         return f"<{type(self).__name__} service={self.service!r} user={self.user!r}>"
 
-    # -- items ---------------------------------------------------------------
+    # -- items -------------------------------------------------------------------------
 
     def get_item(self, item: Item) -> str | None:
-        """A string item by number (``pamphlet.Item``); None when unset."""
-        with self._lock:
-            code, raw = _libpam.get_string_item(self._require_handle(), item)
-            self._check(code)
-        return None if raw is None else self._decode(raw)
+        """A string item by number (``pamphlet.Item``); None when unset.
+
+        Only string items: ``Item.CONV``, ``Item.FAIL_DELAY`` and
+        ``Item.XAUTHDATA`` raise ValueError (see :attr:`xauthdata` and
+        :attr:`fail_delay`).
+        """
+        return self._transaction.get_item(item)
 
     def set_item(self, item: Item, value: str | None) -> None:
-        """Set a string item; None sets it to NULL."""
-        raw = None if value is None else self._encode(value, f"item {Item(item).name}")
-        with self._lock:
-            self._check(_libpam.set_string_item(self._require_handle(), item, raw))
+        """Set a string item; None sets it to NULL. Only string items (see get_item)."""
+        self._transaction.set_item(item, value)
 
     authtok_type = _StringItem(
         Item.AUTHTOK_TYPE, 'The token\'s type, the "UNIX" in "New UNIX password".'
@@ -418,23 +181,11 @@ class PamApplication:
     @property
     def xauthdata(self) -> tuple[str, bytes] | None:
         """The X authentication item as ``(name, data)``, e.g. ("MIT-MAGIC-COOKIE-1", cookie)."""
-        with self._lock:
-            code, value = _libpam.get_xauthdata(self._require_handle())
-            self._check(code)
-        if value is None:
-            return None
-        return self._decode(value[0]), value[1]
+        return self._transaction.get_xauthdata()
 
     @xauthdata.setter
     def xauthdata(self, value: tuple[str, bytes] | None) -> None:
-        raw = None
-        if value is not None:
-            name, data = value
-            if not isinstance(data, (bytes, bytearray)):
-                raise TypeError("xauthdata's data must be bytes")
-            raw = (self._encode(name, "xauthdata name"), bytes(data))
-        with self._lock:
-            self._check(_libpam.set_xauthdata(self._require_handle(), raw))
+        self._transaction.set_xauthdata(value)
 
     @property
     def fail_delay(self) -> FailDelay | None:
@@ -449,10 +200,152 @@ class PamApplication:
     def fail_delay(self, function: FailDelay | None) -> None:
         if function is not None and not callable(function):
             raise TypeError("fail_delay must be a callable f(status, delay_usec) or None")
-        with self._lock:
-            callback = None if function is None else conversation.FAIL_DELAY_CALLBACK
-            self._check(_libpam.set_fail_delay(self._require_handle(), callback))
-            self._fail_delay = function
+        self._transaction.set_fail_delay(self._routes_fail_delay(function))
+        self._fail_delay = function
+
+    def _routes_fail_delay(self, function: FailDelay | None) -> bool:
+        """Whether libpam's delay comes to _on_fail_delay once ``function`` is set."""
+        return function is not None
+
+
+# -- the phases, written once ------------------------------------------------------------
+# Module-level functions, so that each flavour can take them as methods or wrap them.
+
+
+def authenticate(
+    self: ApplicationBase,
+    silent: bool = False,
+    disallow_null_authtoken: bool = False,
+    *,
+    flags: int = 0,
+) -> None:
+    """pam_authenticate: who is the user? May converse."""
+    flags = phase_flags(flags, silent=silent, disallow_null_authtoken=disallow_null_authtoken)
+    self._transaction.run(Phase.AUTHENTICATE, flags)
+
+
+def account_management(
+    self: ApplicationBase,
+    silent: bool = False,
+    disallow_null_authtoken: bool = False,
+    *,
+    flags: int = 0,
+) -> None:
+    """pam_acct_mgmt: may this account log in now (expiry, access rules)?"""
+    flags = phase_flags(flags, silent=silent, disallow_null_authtoken=disallow_null_authtoken)
+    self._transaction.run(Phase.ACCT_MGMT, flags)
+
+
+def open_session(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
+    """pam_open_session; ending the handle closes it if you do not."""
+    self._transaction.run(Phase.OPEN_SESSION, phase_flags(flags, silent=silent))
+
+
+def close_session(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
+    """pam_close_session."""
+    self._transaction.run(Phase.CLOSE_SESSION, phase_flags(flags, silent=silent))
+
+
+def change_authtoken(
+    self: ApplicationBase,
+    silent: bool = False,
+    change_expired_authtoken: bool = False,
+    *,
+    flags: int = 0,
+) -> None:
+    """pam_chauthtok: change the password (or other token). Converses."""
+    flags = phase_flags(flags, silent=silent, change_expired_authtoken=change_expired_authtoken)
+    self._transaction.run(Phase.CHAUTHTOK, flags)
+
+
+def setcred(self: ApplicationBase, flags: int) -> None:
+    """pam_setcred with raw flags; the four methods below name them."""
+    self._transaction.run(Phase.SETCRED, int(flags))
+
+
+def initialize_credentials(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
+    """pam_setcred(PAM_ESTABLISH_CRED); ending the handle deletes them."""
+    self._transaction.run(Phase.SETCRED, phase_flags(flags | Flag.ESTABLISH_CRED, silent=silent))
+
+
+def delete_credentials(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
+    """pam_setcred(PAM_DELETE_CRED)."""
+    self._transaction.run(Phase.SETCRED, phase_flags(flags | Flag.DELETE_CRED, silent=silent))
+
+
+def reinitialize_credentials(
+    self: ApplicationBase, silent: bool = False, *, flags: int = 0
+) -> None:
+    """pam_setcred(PAM_REINITIALIZE_CRED)."""
+    self._transaction.run(Phase.SETCRED, phase_flags(flags | Flag.REINITIALIZE_CRED, silent=silent))
+
+
+def refresh_credentials(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
+    """pam_setcred(PAM_REFRESH_CRED)."""
+    self._transaction.run(Phase.SETCRED, phase_flags(flags | Flag.REFRESH_CRED, silent=silent))
+
+
+def get_user(self: ApplicationBase, prompt: str | None = None) -> str | None:
+    """pam_get_user: the user item, asking through the conversation if unset."""
+    return self._transaction.get_user(prompt)
+
+
+def end(self: ApplicationBase) -> None:
+    """Close an open session, delete established credentials, then pam_end.
+
+    Idempotent. Failures of the implied close and delete are not raised:
+    call them yourself first if you need to know.
+    """
+    self._transaction.end(close=self._end_closes)
+
+
+class PamApplication(ApplicationBase):
+    """A PAM transaction: subclass it and write ``conversation``.
+
+    ``PamApplication(service, user=None, *, confdir=None, encoding="utf-8")``
+    starts a handle for ``service`` (looked up in ``/etc/pam.d``, or in
+    ``confdir`` when given). Every phase raises the :class:`PamError` subclass
+    of the code libpam returned. Call :meth:`end` when done, or use the object
+    as a context manager.
+    """
+
+    def conversation(self, messages: list[Message]) -> Iterable[str | bytes | None]:
+        """Answer the PAM stack: one answer per message, ``""`` for non-prompts.
+
+        May return a list or be a generator. The default refuses to converse,
+        which fails the phase with a ConversationError.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no conversation method, but the PAM stack sent {messages!r}"
+        )
+
+    def _answer(self, messages: list[Message]) -> Any:
+        return self.conversation(messages)
+
+    authenticate = authenticate
+    account_management = account_management
+    acct_mgmt = account_management
+    open_session = open_session
+    close_session = close_session
+    change_authtoken = change_authtoken
+    setcred = setcred
+    initialize_credentials = initialize_credentials
+    delete_credentials = delete_credentials
+    reinitialize_credentials = reinitialize_credentials
+    refresh_credentials = refresh_credentials
+    get_user = get_user
+    end = end
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.end()
 
 
 PamAplication = PamApplication  # the API document's spelling

@@ -332,12 +332,9 @@ class _CommandLineApp(PamApplication):
                 answers.append(None)
         return answers
 
-    def end(self) -> None:
-        # Like pamtester, run only the operations named on the command line:
-        # no implied close_session or setcred(PAM_DELETE_CRED) on the way out.
-        self._session_open = False
-        self._credentials_established = False
-        super().end()
+    # Like pamtester, run only the operations named on the command line:
+    # no implied close_session or setcred(PAM_DELETE_CRED) on the way out.
+    _end_closes = False
 
 
 # -- running ------------------------------------------------------------------

@@ -15,9 +15,12 @@ __all__ = [
     "Item",
     "MessageStyle",
     "ReturnCode",
+    "Phase",
     "PAM_MAX_NUM_MSG",
     "PAM_MAX_MSG_SIZE",
     "PAM_MAX_RESP_SIZE",
+    "STRING_ITEMS",
+    "phase_flags",
 ]
 
 
@@ -56,6 +59,17 @@ class ReturnCode(enum.IntEnum):
     BAD_ITEM = 29
     CONV_AGAIN = 30
     INCOMPLETE = 31
+
+
+class Phase(enum.Enum):
+    """The six libpam calls that run a PAM stack; the value is the name after ``pam_``."""
+
+    AUTHENTICATE = "authenticate"
+    SETCRED = "setcred"
+    ACCT_MGMT = "acct_mgmt"
+    OPEN_SESSION = "open_session"
+    CLOSE_SESSION = "close_session"
+    CHAUTHTOK = "chauthtok"
 
 
 class MessageStyle(enum.IntEnum):
@@ -103,3 +117,45 @@ class Flag(enum.IntFlag):
 PAM_MAX_NUM_MSG = 32
 PAM_MAX_MSG_SIZE = 512
 PAM_MAX_RESP_SIZE = 512
+
+#: The items whose value is a C string; the others (CONV, FAIL_DELAY,
+#: XAUTHDATA) are structs or function pointers with properties of their own.
+STRING_ITEMS = frozenset(
+    (
+        Item.SERVICE,
+        Item.USER,
+        Item.TTY,
+        Item.RHOST,
+        Item.AUTHTOK,
+        Item.OLDAUTHTOK,
+        Item.RUSER,
+        Item.USER_PROMPT,
+        Item.XDISPLAY,
+        Item.AUTHTOK_TYPE,
+    )
+)
+
+
+def phase_flags(
+    flags: int = 0,
+    *,
+    silent: bool = False,
+    disallow_null_authtoken: bool = False,
+    change_expired_authtoken: bool = False,
+) -> int:
+    """The raw flags of a phase: ``flags`` with the API document's keywords folded in.
+
+    Plain ints: an IntFlag's ``|`` runs Python code on every phase.
+    """
+    if silent:
+        flags |= _SILENT
+    if disallow_null_authtoken:
+        flags |= _DISALLOW_NULL_AUTHTOK
+    if change_expired_authtoken:
+        flags |= _CHANGE_EXPIRED_AUTHTOK
+    return int(flags)
+
+
+_SILENT = int(Flag.SILENT)
+_DISALLOW_NULL_AUTHTOK = int(Flag.DISALLOW_NULL_AUTHTOK)
+_CHANGE_EXPIRED_AUTHTOK = int(Flag.CHANGE_EXPIRED_AUTHTOK)

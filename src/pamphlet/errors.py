@@ -1,15 +1,21 @@
-"""PamError and one subclass per PAM return code."""
+"""PamError, one subclass per PAM return code, and pamphlet's own errors."""
 
 from __future__ import annotations
 
 import builtins
 
 from .constants import ReturnCode
+from .message import Message
 
 __all__ = [
     "PamError",
     "HandleEndedError",
+    "HandleBusyError",
+    "ConversationAborted",
+    "ConversationStateError",
+    "UnansweredPromptError",
     "error_class",
+    "pam_error",
     "Abort",
     "AccountExpired",
     "AuthenticationError",
@@ -66,6 +72,50 @@ def _rebuild(cls: type[PamError], message: str, code: int) -> PamError:
 
 class HandleEndedError(builtins.RuntimeError):
     """The application was used after ``end()``."""
+
+
+class HandleBusyError(builtins.RuntimeError):
+    """The handle is in use by a phase running inside libpam on another thread.
+
+    Raised instead of waiting: a phase may run for long (a module doing
+    network I/O, libpam's failure delay), and an event loop must not stall
+    behind it. Items and the environment can be used between phases, and while
+    the phase waits in its conversation.
+    """
+
+
+class ConversationAborted(Exception):
+    """The conversation was released without answers: the peer went away.
+
+    libpam gets PAM_CONV_ERR and the phase raises ConversationError chained to
+    this exception.
+    """
+
+
+class ConversationStateError(builtins.RuntimeError):
+    """get_data or set_input was called when there is nothing to read or answer."""
+
+
+class UnansweredPromptError(ValueError):
+    """The PAM stack asked something that this caller cannot answer.
+
+    ``prompt`` is the :class:`~pamphlet.Message` it asked. The phase that
+    asked fails with a ConversationError chained to this exception.
+    """
+
+    def __init__(
+        self,
+        prompt: Message,
+        who: str,
+        why: str,
+        *,
+        how: str = "answer it in the conversation of a pamphlet.PamApplication subclass",
+    ) -> None:
+        self.prompt = prompt
+        super().__init__(
+            f"{who} cannot answer the PAM prompt {str(prompt)!r} "
+            f"({prompt.style.name}): {why}; {how}"
+        )
 
 
 class OpenError(PamError):
@@ -201,3 +251,11 @@ _BY_CODE: dict[int, type[PamError]] = {cls.code: cls for cls in PamError.__subcl
 def error_class(code: int) -> type[PamError]:
     """The exception class of a PAM return code (PamError for unknown codes)."""
     return _BY_CODE.get(code, PamError)
+
+
+def pam_error(code: int, text: str) -> PamError:
+    """The exception for a failed libpam call: ``raise pam_error(code, text)``.
+
+    The one place where a PAM return code becomes an exception.
+    """
+    return error_class(code)(text, code=code)

@@ -22,27 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .application import PamApplication
+from .errors import UnansweredPromptError
 from .message import Message
 
 __all__ = ["authenticate", "change_password", "UnansweredPromptError"]
 
 MessageHandler = Callable[[Message], object]
-
-
-class UnansweredPromptError(ValueError):
-    """The PAM stack asked something a one-call helper cannot answer.
-
-    ``prompt`` is the :class:`~pamphlet.Message` it asked. The phase that
-    asked fails with a ConversationError chained to this exception.
-    """
-
-    def __init__(self, prompt: Message, helper: str, why: str) -> None:
-        self.prompt = prompt
-        super().__init__(
-            f"{helper} cannot answer the PAM prompt {str(prompt)!r} "
-            f"({prompt.style.name}): {why}; answer it in the conversation of a "
-            "pamphlet.PamApplication subclass"
-        )
 
 
 class _OneCall(PamApplication):
