@@ -64,6 +64,7 @@ def _start(
     choose: Callable[[Message], str | bytes],
     *,
     confdir: str | None,
+    broker: str | None,
     encoding: str,
     on_message: MessageHandler | None,
     rhost: str | None,
@@ -76,6 +77,7 @@ def _start(
         choose=choose,
         on_message=on_message,
         confdir=confdir,
+        broker=broker,
         encoding=encoding,
     )
     try:
@@ -102,6 +104,7 @@ def authenticate(
     service: str = "login",
     *,
     confdir: str | None = None,
+    broker: str | None = None,
     check_account: bool = True,
     encoding: str = "utf-8",
     rhost: str | None = None,
@@ -126,7 +129,8 @@ def authenticate(
     messages go to ``on_message`` if given. ``rhost``, ``tty`` and ``ruser``
     set those PAM items (``rhost`` lets modules such as pam_access and
     pam_faillock know where the user comes from). ``confdir`` reads the
-    service from a directory of your own instead of /etc/pam.d.
+    service from a directory of your own instead of /etc/pam.d; ``broker``
+    runs the call through the ``pamphlet broker`` listening on that path.
     """
     _check_secret(password, "password")
     asked: list[str] = []
@@ -151,6 +155,7 @@ def authenticate(
         username,
         choose,
         confdir=confdir,
+        broker=broker,
         encoding=encoding,
         on_message=on_message,
         rhost=rhost,
@@ -194,6 +199,7 @@ def change_password(
     service: str = "passwd",
     *,
     confdir: str | None = None,
+    broker: str | None = None,
     encoding: str = "utf-8",
     rhost: str | None = None,
     tty: str | None = None,
@@ -227,6 +233,7 @@ def change_password(
         username,
         choose,
         confdir=confdir,
+        broker=broker,
         encoding=encoding,
         on_message=on_message,
         rhost=rhost,

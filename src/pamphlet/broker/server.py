@@ -716,14 +716,24 @@ def bind(path: str, mode: int, group: str | None) -> socket.socket:
         finally:
             probe.close()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # nobody can connect before chown and chmod
+    # Bound under a temporary name and renamed into place once it listens
+    # with its final owner and mode: a client never finds a socket that
+    # refuses it or lets the wrong peers in.
+    building = f"{path}.{os.getpid()}.new"
+    old_umask = os.umask(0o177)
     try:
-        listener.bind(path)
+        listener.bind(building)
     finally:
         os.umask(old_umask)
-    os.chown(path, -1, gid)
-    os.chmod(path, mode)
-    listener.listen(socket.SOMAXCONN)
+    try:
+        os.chown(building, -1, gid)
+        os.chmod(building, mode)
+        listener.listen(socket.SOMAXCONN)
+        os.rename(building, path)
+    except BaseException:
+        os.unlink(building)
+        listener.close()
+        raise
     return listener
 
 
