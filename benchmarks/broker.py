@@ -113,8 +113,18 @@ def broker(directory: str, confdir: str | None, services: list[str]) -> Iterator
             "[throttle]\npeer_slow_after = 100000\npeer_refuse_after = 100000\n"
         )
     path = os.path.join(directory, f"broker-{len(os.listdir(directory))}.sock")
-    command = [sys.executable, "-m", "pamphlet", "broker", "--socket", path, "--policy", policy,
-               "--audit", "stderr"]
+    command = [
+        sys.executable,
+        "-m",
+        "pamphlet",
+        "broker",
+        "--socket",
+        path,
+        "--policy",
+        policy,
+        "--audit",
+        "stderr",
+    ]
     if confdir is not None:
         command += ["--confdir", confdir]
     log = open(os.path.join(directory, "audit.log"), "a")  # noqa: SIM115
@@ -153,13 +163,16 @@ def main() -> None:
         file.write(f"bench:secret:{etc_service}\n")
     etc_path = f"/etc/pam.d/{etc_service}"
     with open(etc_path, "w") as file:
-        file.write(f"auth required {matrix} passdb={passdb}\n"
-                   f"account required {matrix} passdb={passdb}\n")
+        file.write(
+            f"auth required {matrix} passdb={passdb}\naccount required {matrix} passdb={passdb}\n"
+        )
     print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.count} logins per run\n")
     try:
         rows = []
-        stacks = [("pam_permit, confdir", permit, confdir), ("pam_matrix, /etc/pam.d",
-                                                              etc_service, None)]
+        stacks = [
+            ("pam_permit, confdir", permit, confdir),
+            ("pam_matrix, /etc/pam.d", etc_service, None),
+        ]
         for label, service, service_confdir in stacks:
             local: dict[str, str] = {} if service_confdir is None else {"confdir": service_confdir}
             with broker(directory, service_confdir, [service]) as (path, _):
@@ -167,23 +180,42 @@ def main() -> None:
                 brokered = run(service, args.count, broker=path)
                 inproc_parallel = run_threads(service, args.count, **local)
                 brokered_parallel = run_threads(service, args.count, broker=path)
-            for name, times, parallel in (("in-process", inproc, inproc_parallel),
-                                          ("broker", brokered, brokered_parallel)):
-                rows.append((label, name, len(times) / sum(times), parallel,
-                             statistics.median(times) * 1e3, p99(times) * 1e3))
+            for name, times, parallel in (
+                ("in-process", inproc, inproc_parallel),
+                ("broker", brokered, brokered_parallel),
+            ):
+                rows.append(
+                    (
+                        label,
+                        name,
+                        len(times) / sum(times),
+                        parallel,
+                        statistics.median(times) * 1e3,
+                        p99(times) * 1e3,
+                    )
+                )
             added = statistics.median(brokered) - statistics.median(inproc)
             added_p99 = p99(brokered) - p99(inproc)
-            rows.append((label, "broker / in-process",
-                         f"{sum(inproc) / sum(brokered):.2f}x",
-                         f"{brokered_parallel / inproc_parallel:.2f}x",
-                         f"+{added * 1e3:.2f}", f"+{added_p99 * 1e3:.2f}"))
+            rows.append(
+                (
+                    label,
+                    "broker / in-process",
+                    f"{sum(inproc) / sum(brokered):.2f}x",
+                    f"{brokered_parallel / inproc_parallel:.2f}x",
+                    f"+{added * 1e3:.2f}",
+                    f"+{added_p99 * 1e3:.2f}",
+                )
+            )
         header = ("stack", "how", "logins/s", f"logins/s x{THREADS}", "median ms", "p99 ms")
         print("  ".join(f"{h:>24}" if i < 2 else f"{h:>14}" for i, h in enumerate(header)))
         for row in rows:
             cells = []
             for i, cell in enumerate(row):
-                text = f"{cell:.1f}" if isinstance(cell, float) and i < 4 else (
-                    f"{cell:.3f}" if isinstance(cell, float) else str(cell))
+                text = (
+                    f"{cell:.1f}"
+                    if isinstance(cell, float) and i < 4
+                    else (f"{cell:.3f}" if isinstance(cell, float) else str(cell))
+                )
                 cells.append(f"{text:>24}" if i < 2 else f"{text:>14}")
             print("  ".join(cells))
 
@@ -198,10 +230,12 @@ def main() -> None:
             workers = children(pid)
             rss = [rss_kib(w) for w in workers]
             pss = [pss_kib(w) for w in workers]
-            print(f"  {len(workers)} transactions in flight: worker RSS median "
-                  f"{statistics.median(rss) / 1024:.1f} MiB, PSS median "
-                  f"{statistics.median(pss) / 1024:.2f} MiB (its own share), "
-                  f"total PSS {sum(pss) / 1024:.1f} MiB; broker RSS {before / 1024:.1f} MiB")
+            print(
+                f"  {len(workers)} transactions in flight: worker RSS median "
+                f"{statistics.median(rss) / 1024:.1f} MiB, PSS median "
+                f"{statistics.median(pss) / 1024:.2f} MiB (its own share), "
+                f"total PSS {sum(pss) / 1024:.1f} MiB; broker RSS {before / 1024:.1f} MiB"
+            )
             for app in held:
                 app.end()
             samples = []

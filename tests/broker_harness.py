@@ -47,8 +47,9 @@ def public_dir(prefix: str) -> pathlib.Path:
 def public_source() -> pathlib.Path:
     """A world-readable copy of src/ for unprivileged interpreters."""
     target = public_dir("pamphlet-src-")
-    shutil.copytree(SRC / "pamphlet", target / "pamphlet",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        SRC / "pamphlet", target / "pamphlet", ignore=shutil.ignore_patterns("__pycache__")
+    )
     for root, dirs, files in os.walk(target):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o755)
@@ -67,8 +68,19 @@ class Broker:
         self.policy.write_text(textwrap.dedent(policy))
         self.log = self.directory / "audit.log"
         self._log_file = open(self.log, "w")  # noqa: SIM115 - closed in stop()
-        command = [sys.executable, "-m", "pamphlet", "broker", "--socket", self.socket,
-                   "--policy", str(self.policy), "--audit", "stderr", *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "pamphlet",
+            "broker",
+            "--socket",
+            self.socket,
+            "--policy",
+            str(self.policy),
+            "--audit",
+            "stderr",
+            *extra,
+        ]
         if confdir is not None:
             command += ["--confdir", confdir]
         env = dict(os.environ, PYTHONPATH=str(SRC))
@@ -90,8 +102,11 @@ class Broker:
         """The audit lines containing every needle, waiting up to ``timeout`` for one."""
         deadline = time.monotonic() + timeout
         while True:
-            found = [line for line in self.audit_text().splitlines()
-                     if all(needle in line for needle in needles)]
+            found = [
+                line
+                for line in self.audit_text().splitlines()
+                if all(needle in line for needle in needles)
+            ]
             if found or time.monotonic() > deadline:
                 return found
             time.sleep(0.02)
@@ -151,8 +166,15 @@ def b64(data: bytes | None) -> str | None:
 
 
 def start_frame(service: str, user: str | None, **extra: Any) -> bytes:
-    return frame({"op": "start", "v": 1, "service": b64(service.encode()),
-                  "user": b64(None if user is None else user.encode()), **extra})
+    return frame(
+        {
+            "op": "start",
+            "v": 1,
+            "service": b64(service.encode()),
+            "user": b64(None if user is None else user.encode()),
+            **extra,
+        }
+    )
 
 
 def raw_connect(path: str) -> socket.socket:
@@ -195,13 +217,25 @@ def frames_until_closed(sock: socket.socket) -> list[dict[str, Any]]:
 # -- an unprivileged client ----------------------------------------------------------
 
 
-def run_as(user: str, group: str, source: pathlib.Path, code: str,
-           timeout: float = 60) -> dict[str, Any]:
+def run_as(
+    user: str, group: str, source: pathlib.Path, code: str, timeout: float = 60
+) -> dict[str, Any]:
     """Run ``code`` as ``user`` with Debian's python3; it prints one JSON object."""
     proc = subprocess.run(
-        ["setpriv", f"--reuid={user}", f"--regid={group}", "--clear-groups", "--",
-         SYSTEM_PYTHON, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, cwd="/",
+        [
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={group}",
+            "--clear-groups",
+            "--",
+            SYSTEM_PYTHON,
+            "-c",
+            textwrap.dedent(code),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
         env={"PYTHONPATH": str(source), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )
     if proc.returncode != 0:

@@ -32,17 +32,16 @@ from broker_harness import (
     start_frame,
 )
 from conftest import ScriptedApp
-from pamphlet.broker.server import SPARES
 from pamphlet.broker import (
     ConfdirNotAllowed,
     EnvironNotAllowed,
     ItemNotAllowed,
-    PeerNotAllowed,
     PhaseNotAllowed,
     ServiceNotAllowed,
     Throttled,
     WorkerDied,
 )
+from pamphlet.broker.server import SPARES
 
 pytestmark = pytest.mark.root  # the broker runs PAM as root; clients become nobody
 
@@ -119,9 +118,7 @@ def _write_confdir(confdir: Any, scripted_module_path: str) -> Any:
     (confdir / "session").write_text(stack("session") + f"session optional pam_exec.so {script}\n")
     crash_script = confdir / "crash.script"
     crash_script.write_text("crash\n")
-    (confdir / "crash").write_text(
-        f"auth required {scripted_module_path} script={crash_script}\n"
-    )
+    (confdir / "crash").write_text(f"auth required {scripted_module_path} script={crash_script}\n")
     (confdir / "unix").write_text(UNIX_STACK)
     return marker
 
@@ -383,7 +380,7 @@ def test_malformed_requests_inside_a_transaction(setup):
         sock.sendall(bad)
         frames = frames_until_closed(sock)
         assert [f["op"] for f in frames] == ["error"], (bad, frames)
-    assert setup.broker.audit_lines("end=\"protocol error")
+    assert setup.broker.audit_lines('end="protocol error')
 
 
 def test_too_many_answers_fail_the_conversation(setup):
@@ -455,6 +452,7 @@ def strict(make_broker: Any) -> Setup:
 
 def test_throttling_slows_then_refuses_one_peer_and_user_only(strict, source):
     setup = strict
+
     def wrong() -> float:
         started = time.monotonic()
         with pytest.raises(pamphlet.AuthenticationError):
@@ -566,6 +564,7 @@ def test_bad_policy_files_are_reported(tmp_path):
             load(str(path))
     proc = subprocess.run(
         [sys.executable, "-m", "pamphlet", "broker", "--policy", str(path), "--socket", "/tmp/x"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2 and "delay" in proc.stderr

@@ -184,7 +184,9 @@ class BrokerTransport:
         reply = self._exchange(request)
         if reply.get("op") != "result":
             self._close()
-            raise BrokerProtocolError(f"the broker answered {request['op']} with {reply.get('op')!r}")
+            raise BrokerProtocolError(
+                f"the broker answered {request['op']} with {reply.get('op')!r}"
+            )
         return reply
 
     def _code(self, request: dict[str, Any]) -> int:

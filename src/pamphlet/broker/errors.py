@@ -102,9 +102,7 @@ class Busy(BrokerRefused):
     kind = "busy"
 
 
-_BY_KIND: dict[str, type[BrokerRefused]] = {
-    cls.kind: cls for cls in BrokerRefused.__subclasses__()
-}
+_BY_KIND: dict[str, type[BrokerRefused]] = {cls.kind: cls for cls in BrokerRefused.__subclasses__()}
 
 
 def refusal(kind: object, message: object) -> BrokerRefused:

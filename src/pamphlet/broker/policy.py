@@ -180,12 +180,10 @@ def _strings(table: Mapping[str, Any], key: str, where: str) -> frozenset[str]:
     return frozenset(value)
 
 
-def _number(
-    table: Mapping[str, Any], key: str, default: float, where: str, *, integer: bool
-) -> Any:
-    value = table.get(key, default)
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
+def _number(table: Mapping[str, Any], key: str, default: Any, where: str, *, integer: bool) -> Any:
+    value: Any = table.get(key, default)
+    wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+    if wrong_type or (integer and not isinstance(value, int)) or value < 0:
         kind = "a non-negative integer" if integer else "a non-negative number"
         raise PolicyError(f"{where}: {key} must be {kind}, not {value!r}")
     return value if integer else float(value)
@@ -271,7 +269,9 @@ def parse(data: Mapping[str, Any]) -> Policy:
     _no_unknown(limits_table, limit_fields, "[limits]")
     limits = Limits(
         **{
-            name: _number(limits_table, name, field.default, "[limits]", integer=field.type == "int")
+            name: _number(
+                limits_table, name, field.default, "[limits]", integer=field.type == "int"
+            )
             for name, field in limit_fields.items()
         }
     )

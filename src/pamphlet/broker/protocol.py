@@ -122,7 +122,7 @@ def _wait_readable(
         timeout = None if deadline is None else deadline - time.monotonic()
         if timeout is not None and timeout <= 0:
             raise ProtocolViolation(f"timed out waiting for {what}")
-        fds = [sock] if wake is None else [sock, wake]
+        fds: list[Any] = [sock] if wake is None else [sock, wake]
         ready, _, _ = select.select(fds, [], [], timeout)
         if wake is not None and wake in ready:
             raise Interrupted

@@ -128,9 +128,7 @@ class FailureCounter:
             if user is not None:
                 self.by_user.pop((uid, user), None)
             return
-        self.by_peer.setdefault(
-            uid, collections.deque(maxlen=s.peer_refuse_after + 1)
-        ).append(now)
+        self.by_peer.setdefault(uid, collections.deque(maxlen=s.peer_refuse_after + 1)).append(now)
         if user is not None:
             self.by_user.setdefault(
                 (uid, user), collections.deque(maxlen=s.user_refuse_after + 1)
@@ -282,12 +280,24 @@ class Broker:
                 conn.close()
                 continue
             if not self.policy.rules_for(peer):
-                self._refuse(conn, peer, None, None, "peer", "no rule of the broker's policy "
-                             f"allows user {peer.user!r} or its groups")
+                self._refuse(
+                    conn,
+                    peer,
+                    None,
+                    None,
+                    "peer",
+                    f"no rule of the broker's policy allows user {peer.user!r} or its groups",
+                )
                 continue
             if self.pending_by_uid[peer.uid] >= self.policy.limits.max_pending_per_peer:
-                self._refuse(conn, peer, None, None, "busy",
-                             "too many connections from this peer waiting to start")
+                self._refuse(
+                    conn,
+                    peer,
+                    None,
+                    None,
+                    "busy",
+                    "too many connections from this peer waiting to start",
+                )
                 continue
             pending = _Pending(
                 conn,
@@ -370,8 +380,14 @@ class Broker:
             )
         if "confdir" in frame:
             self._forget_pending(pending)
-            self._refuse(pending.conn, peer, None, None, "confdir",
-                         "a client cannot choose the confdir; the broker's own is used")
+            self._refuse(
+                pending.conn,
+                peer,
+                None,
+                None,
+                "confdir",
+                "a client cannot choose the confdir; the broker's own is used",
+            )
             return
         if set(frame) != {"op", "v", "service", "user"}:
             raise ProtocolViolation("the start frame has fields other than service and user")
@@ -385,13 +401,25 @@ class Broker:
         conn = pending.conn
         rule = None if "/" in service else self.policy.rule_for(peer, service)
         if rule is None:
-            self._refuse(conn, peer, service, user, "service",
-                         f"the broker's policy does not let this peer use service {service!r}")
+            self._refuse(
+                conn,
+                peer,
+                service,
+                user,
+                "service",
+                f"the broker's policy does not let this peer use service {service!r}",
+            )
             return
         if self.in_flight[rule.index] >= rule.max_in_flight:
-            self._refuse(conn, peer, service, user, "busy",
-                         f"{rule.max_in_flight} transactions of {rule.describe()} are running "
-                         "(its max_in_flight)")
+            self._refuse(
+                conn,
+                peer,
+                service,
+                user,
+                "busy",
+                f"{rule.max_in_flight} transactions of {rule.describe()} are running "
+                "(its max_in_flight)",
+            )
             return
         refusal, _ = self.failures.check(peer.uid, user, time.monotonic())
         if refusal is not None:
@@ -477,7 +505,7 @@ class Broker:
 
     def _serve_as_spare(self, control: socket.socket, wake: int) -> None:
         """Wait for a connection from the broker, then serve its transaction."""
-        ready, _, _ = select.select([control, wake], [], [])
+        ready, _, _ = select.select([control.fileno(), wake], [], [])
         if wake in ready:
             return
         data, fds, _, _ = socket.recv_fds(control, 65536, 1)
@@ -490,8 +518,9 @@ class Broker:
         raw_user = protocol.unb64(assignment["user"], "user")
         assert raw_service is not None
         rule = self.policy.rules[assignment["rule"]]
-        worker.run(conn, control, rule, self.policy.limits, raw_service, raw_user,
-                   self.confdir, wake)
+        worker.run(
+            conn, control, rule, self.policy.limits, raw_service, raw_user, self.confdir, wake
+        )
 
     def _become_worker(self) -> int:
         """In a fresh fork: drop what belongs to the broker, take SIGTERM as 'end'."""
@@ -622,7 +651,7 @@ class Broker:
             self.socket_path = None
         for pending in list(self.pending.values()):
             self._drop_pending(pending, "shutdown", "the broker is shutting down")
-        for pid, control in self.spares:
+        for pid, _ in self.spares:
             _kill(pid, signal.SIGTERM)
         for pid in self.workers:
             _kill(pid, signal.SIGTERM)
@@ -779,9 +808,7 @@ def _parser() -> argparse.ArgumentParser:
         default=SPARES,
         help=f"workers forked ahead of logins (default {SPARES})",
     )
-    parser.add_argument(
-        "--check", action="store_true", help="read and check the policy, then exit"
-    )
+    parser.add_argument("--check", action="store_true", help="read and check the policy, then exit")
     return parser
 
 
@@ -799,23 +826,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         mode = int(arguments.socket_mode, 8)
     except ValueError:
-        print(f"pamphlet broker: --socket-mode {arguments.socket_mode!r} is not octal",
-              file=sys.stderr)
+        print(
+            f"pamphlet broker: --socket-mode {arguments.socket_mode!r} is not octal",
+            file=sys.stderr,
+        )
         return 2
     if arguments.confdir is not None and not os.path.isdir(arguments.confdir):
-        print(f"pamphlet broker: --confdir {arguments.confdir!r} is not a directory",
-              file=sys.stderr)
+        print(
+            f"pamphlet broker: --confdir {arguments.confdir!r} is not a directory", file=sys.stderr
+        )
         return 2
     listener = systemd_listener()
     path = None
     if listener is None:
         if arguments.socket is None:
-            print("pamphlet broker: --socket PATH is needed (or systemd socket activation)",
-                  file=sys.stderr)
+            print(
+                "pamphlet broker: --socket PATH is needed (or systemd socket activation)",
+                file=sys.stderr,
+            )
             return 2
         if os.geteuid() != 0:
-            print("pamphlet broker: warning: not running as root; PAM stacks will only "
-                  "verify this user's own password", file=sys.stderr)
+            print(
+                "pamphlet broker: warning: not running as root; PAM stacks will only "
+                "verify this user's own password",
+                file=sys.stderr,
+            )
         path = os.path.abspath(arguments.socket)
         listener = bind(path, mode, arguments.socket_group)
     broker = Broker(
@@ -826,7 +861,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket_path=path,
         spares=max(0, arguments.spares),
     )
-    print(f"pamphlet broker: listening on {path or 'the socket systemd passed'}",
-          file=sys.stderr, flush=True)
+    print(
+        f"pamphlet broker: listening on {path or 'the socket systemd passed'}",
+        file=sys.stderr,
+        flush=True,
+    )
     broker.serve()
     return 0

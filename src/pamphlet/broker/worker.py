@@ -329,7 +329,11 @@ class _Worker:
                 "(only user, tty, rhost and ruser)",
             )
         value = unb64(request["value"], "the item's value")
-        if item == int(Item.USER) and self.authenticated is not None and value != self.authenticated:
+        if (
+            item == int(Item.USER)
+            and self.authenticated is not None
+            and value != self.authenticated
+        ):
             raise _Refused("item", "the user cannot change after a successful authenticate")
         return {"op": "result", "code": self.transport.set_item(item, value)}
 
@@ -366,8 +370,7 @@ class _Worker:
         if name not in self.rule.setenv:
             raise _Refused(
                 "environ",
-                f"the broker's policy does not let this peer set {name!r} "
-                "in the PAM environment",
+                f"the broker's policy does not let this peer set {name!r} in the PAM environment",
             )
         return {"op": "result", "code": self.transport.putenv(entry)}
 
