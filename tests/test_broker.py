@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
 import secrets
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Any
 
 import pytest
 
+import broker_harness
 import pamphlet
 from broker_harness import (
     Broker,
@@ -568,3 +571,96 @@ def test_bad_policy_files_are_reported(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "delay" in proc.stderr
+
+
+def test_command_line_through_the_broker(setup):
+    def pamphlet_command(*args: str, answer: str = "secret\n") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pamphlet", *args],
+            input=answer,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    proc = pamphlet_command("--broker", setup.path, "matrix", "bob", "authenticate", "acct_mgmt")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "pamphlet: successfully authenticated",
+        "pamphlet: account management done.",
+    ]
+    proc = pamphlet_command("--broker", setup.path, "matrix", "bob", "authenticate", "open_session")
+    assert proc.returncode == 1
+    assert "open_session failed: PhaseNotAllowed" in proc.stderr
+    proc = pamphlet_command("--broker", setup.path, "sshd", "bob", "authenticate")
+    assert proc.returncode == 1 and "ServiceNotAllowed" in proc.stderr
+    proc = pamphlet_command(
+        "--broker", setup.path, "--confdir", "/tmp", "matrix", "bob", "authenticate"
+    )
+    assert proc.returncode == 2 and "--broker" in proc.stderr
+
+
+def test_change_password_through_the_broker_authenticates_first(setup, source, unix_user):
+    name, password = unix_user
+    new = "Nw-" + secrets.token_hex(8)
+    code = f"""\
+    import json
+    import pamphlet
+    user, old, new, path = {(name, password, new, setup.path)!r}
+    result = {{}}
+    try:
+        pamphlet.change_password(user, "wrong-" + old, new, service="unix", broker=path)
+    except Exception as exc:
+        result["wrong_old"] = type(exc).__name__
+    pamphlet.change_password(user, old, new, service="unix", broker=path)
+    pamphlet.authenticate(user, new, service="unix", broker=path)
+    result["changed"] = True
+    print(json.dumps(result))
+    """
+    result = run_as("nobody", "nogroup", source, code)
+    assert result == {"wrong_old": "AuthenticationError", "changed": True}
+
+
+def test_socket_activation_as_systemd_does_it(tmp_path):
+    directory = public_dir("pamphlet-activation-")
+    try:
+        path = str(directory / "broker.sock")
+        policy = directory / "policy.toml"
+        policy.write_text('[[allow]]\nusers = ["root"]\nservices = ["other"]\n')
+        launcher = f"""\
+        import os, socket, sys
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind({path!r})
+        listener.listen()
+        os.dup2(listener.fileno(), 3)
+        os.set_inheritable(3, True)  # a no-op dup2 when it is fd 3 already
+        os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+        os.execv(sys.executable, [sys.executable, "-m", "pamphlet", "broker",
+                 "--policy", {str(policy)!r}, "--audit", "stderr"])
+        """
+        process = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(launcher)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(broker_harness.SRC)),
+        )
+        try:
+            assert "the socket systemd passed" in process.stderr.readline()
+            with pytest.raises(ServiceNotAllowed):  # it answers, by the policy
+                ScriptedApp("login", "bob", broker=path)
+        finally:
+            process.terminate()
+            assert process.wait(timeout=30) == 0
+        assert "outcome=refused:service" in process.stderr.read()
+    finally:
+        subprocess.run(["rm", "-rf", str(directory)], check=True)
+
+
+def test_policy_check_command():
+    example = pathlib.Path(__file__).parent.parent / "contrib" / "systemd" / "broker.toml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pamphlet", "broker", "--policy", str(example), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "1 rules, OK" in proc.stdout

@@ -220,7 +220,8 @@ def change_password(
     fails the call closed (ConversationError caused by an
     :class:`UnansweredPromptError` naming the prompt). The stack's info and
     error messages (such as a password-quality complaint) go to
-    ``on_message``.
+    ``on_message``. Through a ``broker``, the user is authenticated with
+    ``old`` first (the broker's policy requires it before ``chauthtok``).
     """
     _check_secret(old, "old password")
     _check_secret(new, "new password")
@@ -241,4 +242,18 @@ def change_password(
         ruser=ruser,
     )
     with app:
+        if broker is not None:
+            # The broker's worker runs as root, where pam_unix asks no old
+            # password; its policy wants the user authenticated first.
+            app._choose = lambda prompt: _old_password_for_prompt(prompt, old)
+            app.authenticate()
+            app._choose = choose
         app.change_authtoken()
+
+
+def _old_password_for_prompt(prompt: Message, old: str | bytes) -> str | bytes:
+    if not prompt.wants_password:
+        raise UnansweredPromptError(
+            prompt, "pamphlet.change_password", "it answers only password (echo-off) prompts"
+        )
+    return old
