@@ -106,6 +106,10 @@ class Record:
     mismatches: list[str]
     results: list[int]
     ended: int  # how many times pam_end ran the module's cleanup
+    #: the status pam_end passed each time
+    end_status: list[int] = dataclasses.field(default_factory=list)
+    #: the flags of each service function call
+    flags: list[int] = dataclasses.field(default_factory=list)
 
 
 def read_record(path: str | os.PathLike[str]) -> Record:
@@ -128,6 +132,9 @@ def read_record(path: str | os.PathLike[str]) -> Record:
                 record.results.append(int(rest))
             elif kind == "end":
                 record.ended += 1
+                record.end_status.append(int(rest))
+            elif kind == "flags":
+                record.flags.append(int(rest))
     return record
 
 

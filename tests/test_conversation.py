@@ -270,14 +270,17 @@ def test_callback_handles_max_messages():
     assert code == ReturnCode.SUCCESS and answers == [b"ok"] * PAM_MAX_NUM_MSG
 
 
-def test_callback_refuses_binary_prompt_and_unknown_style():
-    for style in (7, 99):
-        owner = _Owner()
-        code, _ = _call(owner, [(style, b"\x00\x00\x00\x05\x01")])
-        assert code == ReturnCode.CONV_ERR
-        assert "PAM_BINARY_PROMPT" in str(owner._conversation_error) or "style" in str(
-            owner._conversation_error
-        )
+@pytest.mark.parametrize(
+    ("style", "said"),
+    [(7, "sent a PAM_BINARY_PROMPT, which pamphlet does not answer"), (99, "unknown style 99")],
+)
+def test_callback_refuses_binary_prompt_and_unknown_style(style, said):
+    owner = _Owner()
+    code, _ = _call(owner, [(style, b"\x00\x00\x00\x05\x01")])
+    assert code == ReturnCode.CONV_ERR
+    assert owner.seen is None  # refused before the application is asked
+    assert isinstance(owner._conversation_error, conversation.ConversationProtocolError)
+    assert said in str(owner._conversation_error)
 
 
 def test_callback_with_null_resp():

@@ -405,10 +405,10 @@ class Transaction:
 
     def environment(self) -> list[tuple[str, str]]:
         with self.guard:
-            entries = self._require().getenvlist()
+            transport = self._require()
+            entries = transport.getenvlist()
             if entries is None:
-                self._check(_BUF_ERR)
-                return []
+                raise pam_error(_BUF_ERR, transport.strerror(_BUF_ERR))
         pairs = []
         for entry in entries:
             name, _, value = entry.partition(b"=")

@@ -118,11 +118,10 @@ OPERATIONS = tuple(_PHASES)
 
 @dataclass(frozen=True)
 class Operation:
-    """One operation of the command line: its name, flags and the text given."""
+    """One operation of the command line: its name and flags."""
 
     name: str
     flags: int
-    text: str
 
     @property
     def flag_names(self) -> list[str]:
@@ -218,7 +217,7 @@ def parse_operation(text: str) -> Operation:
     name, expression = match.group(1), match.group(2)
     if name not in _PHASES:
         raise UsageError(f"unknown operation {name!r} (known: {', '.join(OPERATIONS)})")
-    return Operation(name, parse_flags(expression or ""), text)
+    return Operation(name, parse_flags(expression or ""))
 
 
 def _assignment(text: str, what: str) -> tuple[str, str]:

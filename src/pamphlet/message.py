@@ -33,8 +33,7 @@ class Message(str):
 
     ``Message(text, style)`` returns an instance of a private subclass per
     style, which holds ``style`` and the answers of the ``is_*`` questions as
-    class attributes: a message costs one str, no attribute dict and no
-    property call (the conversation builds one per message, on libpam's stack).
+    class attributes: a message is an immutable str like any other.
     """
 
     #: The :class:`~pamphlet.MessageStyle` PAM gave the message.
@@ -69,8 +68,7 @@ def _kind(style: MessageStyle) -> type[Message]:
         "__module__": __name__,
         "__qualname__": name,
         "__doc__": f"A :class:`Message` of style {style.name}.",
-        # str's own constructor: Message.__new__ has picked the class already,
-        # and the conversation calls the class with the decoded text alone.
+        # str's own constructor: Message.__new__ has picked the class already.
         "__new__": str.__new__,
         "style": style,
         "is_prompt": style in PROMPT_STYLES,

@@ -34,7 +34,8 @@
  *   answer I null|hex:HEX RETCODE       each answer of a call that set *resp
  *   mismatch WHAT                       a failed check
  *   result CODE                         what the service function returned
- *   end                                 from pam_end (a pam_set_data cleanup)
+ *   flags N                             the flags the service function got
+ *   end STATUS                          from pam_end (a pam_set_data cleanup)
  */
 #define _GNU_SOURCE
 #include <security/pam_appl.h>
@@ -247,14 +248,14 @@ static void record_end(pam_handle_t *pamh, void *data, int status) {
     if (!(status & PAM_DATA_REPLACE)) {
         FILE *record = fopen((const char *)data, "a");
         if (record != NULL) {
-            fputs("end\n", record);
+            fprintf(record, "end %d\n", status & ~PAM_DATA_SILENT);
             fclose(record);
         }
     }
     free(data);
 }
 
-static int run_script(pam_handle_t *pamh, int argc, const char **argv) {
+static int run_script(pam_handle_t *pamh, int flags, int argc, const char **argv) {
     const char *script_path = NULL, *record_path = NULL;
     for (int i = 0; i < argc; i++) {
         if (strncmp(argv[i], "script=", 7) == 0)
@@ -267,6 +268,7 @@ static int run_script(pam_handle_t *pamh, int argc, const char **argv) {
     struct run run = {0};
     if (record_path != NULL) {
         run.record = fopen(record_path, "a");
+        note(&run, "flags %d", flags);
         char *key_data = strdup(record_path);
         if (key_data != NULL &&
             pam_set_data(pamh, END_DATA_KEY, key_data, record_end) != PAM_SUCCESS)
@@ -338,8 +340,7 @@ done:
 
 #define SERVICE_FUNCTION(name)                                                          \
     PAM_EXTERN int name(pam_handle_t *pamh, int flags, int argc, const char **argv) { \
-        (void)flags;                                                                    \
-        return run_script(pamh, argc, argv);                                            \
+        return run_script(pamh, flags, argc, argv);                                     \
     }
 
 SERVICE_FUNCTION(pam_sm_authenticate)
