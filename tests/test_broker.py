@@ -34,7 +34,7 @@ from broker_harness import (
     run_as,
     start_frame,
 )
-from conftest import ScriptedApp
+from conftest import UNIX_STACK, ScriptedApp
 from pamphlet.broker import (
     ConfdirNotAllowed,
     EnvironNotAllowed,
@@ -47,13 +47,6 @@ from pamphlet.broker import (
 from pamphlet.broker.server import SPARES
 
 pytestmark = pytest.mark.root  # the broker runs PAM as root; clients become nobody
-
-UNIX_STACK = """\
-auth required pam_unix.so
-account required pam_unix.so
-password required pam_unix.so yescrypt
-session required pam_unix.so
-"""
 
 POLICY_TEMPLATE = """\
 [[allow]]
@@ -141,18 +134,6 @@ def source() -> Any:
     path = public_source()
     yield path
     subprocess.run(["rm", "-rf", str(path)], check=True)
-
-
-@pytest.fixture
-def unix_user() -> Any:
-    name = "pmbr" + secrets.token_hex(4)
-    password = "Pw-" + secrets.token_hex(8)
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/false", name], check=True)
-    try:
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
-        yield name, password
-    finally:
-        subprocess.run(["userdel", name], check=True)
 
 
 def login(setup: Setup, user: str = "bob", password: str = "secret") -> ScriptedApp:
