@@ -477,9 +477,13 @@ class Broker:
 
     def _spawn_spare(self) -> bool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # SIGTERM stays blocked across the fork until the new worker has its
+        # own handler: a stop that comes in between is delivered, not lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             ours.close()
             theirs.close()
             self.audit.log(event="fork-failed", error=exc.strerror)
@@ -489,6 +493,7 @@ class Broker:
             try:
                 ours.close()
                 wake = self._become_worker()
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                 self._serve_as_spare(theirs, wake)
             except BaseException:
                 status = 70
@@ -499,6 +504,7 @@ class Broker:
                     pass
             finally:
                 os._exit(status)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         theirs.close()
         self.spares.append((pid, ours))
         return True
@@ -673,6 +679,9 @@ class Broker:
             else:
                 self._forget_spare(pid)
         self.audit.log(event="stopped", served=self.served)
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:
