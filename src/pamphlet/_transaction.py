@@ -173,7 +173,12 @@ class Transaction:
         encoding: str,
         application: Application,
         guard: AbstractContextManager[Any],
+        broker: str | None = None,
     ) -> None:
+        if broker is not None and confdir is not None:
+            raise ValueError(
+                "confdir= cannot be used with broker=: the broker reads its own PAM configuration"
+            )
         if encoding != "utf-8":
             "".encode(encoding)  # an unknown encoding fails here, not mid-phase
         self.encoding = encoding
@@ -189,12 +194,17 @@ class Transaction:
         raw_service = self.encode(service, "service name")
         raw_user = None if user is None else self.encode(user, "user name")
         raw_confdir = None if confdir is None else self.encode(str(confdir), "confdir")
+        if broker is not None:  # the transport: the broker's worker, or libpam here
+            from .broker import client
+
+            self._transport: Transport | None = client.start(broker, raw_service, raw_user, self)
+            return
         code, handle = conversation.start_in_process(raw_service, raw_user, raw_confdir, self)
         if handle is None:
             raise pam_error(
                 code, f"pam_start failed: {_libpam.strerror(_libpam.NULL_HANDLE, code)}"
             )
-        self._transport: Transport | None = handle
+        self._transport = handle
 
     # -- strings ---------------------------------------------------------------
 
