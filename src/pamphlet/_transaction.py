@@ -115,18 +115,20 @@ class HeldSignals:
     and the rest act when the phase is over.
     """
 
-    __slots__ = ("conversing", "_pending", "_saved", "_hold")
+    __slots__ = ("conversing", "_pending", "_saved")
 
     def __init__(self) -> None:
         self.conversing = False
         self._pending: list[tuple[int, FrameType | None]] = []
         self._saved: dict[int, Any] = {}
-        self._hold = self._record  # one bound method, to install and to recognise
+
+    def hold(self) -> None:
+        """Put our recorder in place of every Python-level handler."""
         for signum in _HELD_SIGNALS:
             handler = _signal.getsignal(signum)
             if callable(handler):
                 self._saved[signum] = handler
-                _signal.signal(signum, self._hold)
+                _signal.signal(signum, self._record)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.conversing:
@@ -143,9 +145,13 @@ class HeldSignals:
     def release(self) -> None:
         """Put the handlers back, then run those of the signals held (they may raise)."""
         for signum, handler in self._saved.items():
-            if _signal.getsignal(signum) is self._hold:
+            if _signal.getsignal(signum) == self._record:
                 _signal.signal(signum, handler)
-        self.deliver()
+        try:
+            self.deliver()
+        finally:
+            self._saved.clear()
+            self._pending.clear()
 
 
 def _nobody() -> None:
@@ -190,7 +196,8 @@ class Transaction:
         self._inside_phase = False
         self._phase_thread: int | None = None
         self._failure: BaseException | None = None
-        self._held: HeldSignals | None = None
+        self._held: HeldSignals | None = None  # while a call on the main thread holds them
+        self._signals: HeldSignals | None = None  # made on the first such call
         raw_service = self.encode(service, "service name")
         raw_user = None if user is None else self.encode(user, "user name")
         raw_confdir = None if confdir is None else self.encode(str(confdir), "confdir")
@@ -256,7 +263,11 @@ class Transaction:
         self._phase_thread = me
         self._failure = None
         if me == _MAIN_THREAD:
-            self._held = HeldSignals()
+            held = self._signals
+            if held is None:
+                held = self._signals = HeldSignals()
+            held.hold()
+            self._held = held
         return transport
 
     def _leave_call(self) -> BaseException | None:
