@@ -348,7 +348,7 @@ class TemporaryService:
         key = _secrets.token_bytes(20) if secret is None else _key(secret)
         if not key:
             raise ValueError("the secret is empty")
-        kind = f"HOTP/{digits}" if hotp else f"HOTP/T{step}/{digits}"
+        kind = f"HOTP/E/{digits}" if hotp else f"HOTP/T{step}/{digits}"
         os.makedirs(os.path.dirname(self.oath_usersfile), mode=0o700, exist_ok=True)
         lines = []
         with contextlib.suppress(FileNotFoundError):
