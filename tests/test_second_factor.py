@@ -128,6 +128,28 @@ def test_cli_a_code_used_once_is_refused_within_its_window(totp_service):
     assert run_cli(totp_service, "alice", "wonder", totp_service.totp_code("alice")).returncode == 0
 
 
+def test_cli_one_code_raced_by_four_logins_lets_one_in(totp_service):
+    # pam_oath locks its users file: however the four interleave, the code
+    # is accepted once.
+    code = totp_service.totp_code("bob")
+    command = ["--confdir", totp_service.confdir, totp_service.name, "bob", "authenticate"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pamphlet", *command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write(f"hunter2\n{code}\n")
+        process.stdin.close()
+    assert sorted(process.wait(timeout=60) for process in processes) == [0, 1, 1, 1]
+
+
 def test_cli_a_code_too_far_from_now_is_refused(totp_service):
     stale = totp_service.totp_code("bob", time.time() - 30 * 10)
     assert run_cli(totp_service, "bob", "hunter2", stale).returncode == 1
