@@ -22,7 +22,7 @@ import paramiko
 import pytest
 
 import pamphlet
-from conftest import LibpamGate
+from conftest import UNIX_STACK, LibpamGate
 
 ROOT = pathlib.Path(__file__).parent.parent
 ASKPASS = pathlib.Path(__file__).parent / "askpass.py"
@@ -402,26 +402,11 @@ def test_a_login_retried_then_dropped_ends_every_handle(login, tmp_path):
     assert result.returncode == 0, result.stderr + server.log.read_text()
 
 
-UNIX_STACK = """\
-auth required pam_unix.so
-account required pam_unix.so
-password required pam_unix.so yescrypt
-session required pam_unix.so
-"""
-
-
 @pytest.fixture
-def expired_user():
+def expired_user(unix_user):
     """A throwaway system user whose password has expired (``chage -d 0``)."""
-    name = "pmph" + secrets.token_hex(4)
-    password = "Pw-" + secrets.token_hex(8)
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/false", name], check=True)
-    try:
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
-        subprocess.run(["chage", "-d", "0", name], check=True)
-        yield name, password
-    finally:
-        subprocess.run(["userdel", name], check=True)
+    subprocess.run(["chage", "-d", "0", unix_user[0]], check=True)
+    return unix_user
 
 
 @pytest.mark.root  # pam_unix reads and writes /etc/shadow
