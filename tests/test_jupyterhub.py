@@ -21,6 +21,7 @@ notebook server is spawned. Screenshots go into pytest's temporary folders.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import http.cookiejar
 import importlib.metadata
@@ -500,3 +501,91 @@ def test_stale_step_answers_nothing(browser: Browser, hub: Hub) -> None:
     assert labels(browser) == [(label, "password")]
     browser.get(f"{hub.url}/hub/login?restart=1")
     assert labels(browser) == [("Username:", "text"), ("Password:", "password")]
+
+
+# -- the authenticator in this process: sessions, refusals ---------------------
+
+
+SESSION_SCRIPT = """#!/bin/sh
+echo "$PAM_TYPE user=$PAM_USER rhost=$PAM_RHOST" >> {marker}
+"""
+
+
+def test_sessions_open_and_close_on_the_sign_in_handle(tmp_path: pathlib.Path) -> None:
+    """open_sessions: the session opens at spawn on the very handle of the sign-in.
+
+    pam_exec sees PAM_RHOST, which only the sign-in's handle has (a new
+    handle, as PAMAuthenticator makes for sessions, would have none).
+    """
+    from pamphlet.contrib.jupyterhub import PamphletAuthenticator
+    from pamphlet.contrib.jupyterhub._flow import Stage
+    from pamphlet.contrib.jupyterhub.authenticator import _FLOW_KEY
+
+    marker = tmp_path / "sessions"
+    script = tmp_path / "session.sh"
+    script.write_text(SESSION_SCRIPT.format(marker=marker))
+    script.chmod(0o755)
+    stack = [
+        "auth     required {pam_matrix} passdb={passdb}",
+        "account  required {pam_matrix} passdb={passdb}",
+        f"session  required pam_exec.so {script}",
+    ]
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    async def scenario(service: TemporaryService) -> None:
+        authenticator = PamphletAuthenticator(
+            service=service.name, confdir=service.confdir, open_sessions=True
+        )
+        # A name and password alone (JupyterHub's token API, another handler) get nothing.
+        assert (
+            await authenticator.authenticate(None, {"username": "daemon", "password": "pw"}) is None
+        )
+        flow = authenticator.start("daemon", "pw", rhost="192.0.2.7")
+        await flow.wait_for_screen(0, 30)
+        assert flow.stage is Stage.DONE
+        authenticator.forget(flow)
+        assert await authenticator.authenticate(None, {_FLOW_KEY: flow}) == {"name": "daemon"}
+        await authenticator.settle(flow, "daemon")
+        assert await authenticator.authenticate(None, {_FLOW_KEY: flow}) is None  # once only
+        assert not marker.exists()  # signing in opens no session
+        user, spawner = Named("daemon"), Named("")
+        await authenticator.pre_spawn_start(user, spawner)
+        assert marker.read_text() == "open_session user=daemon rhost=192.0.2.7\n"
+        await authenticator.post_spawn_stop(user, spawner)
+        assert marker.read_text().splitlines()[1] == "close_session user=daemon rhost=192.0.2.7"
+        # A second spawn with no sign-in in between: a new handle, as PAMAuthenticator.
+        await authenticator.pre_spawn_start(user, spawner)
+        await authenticator.post_spawn_stop(user, spawner)
+        assert marker.read_text().splitlines()[2:] == [
+            "open_session user=daemon rhost=",
+            "close_session user=daemon rhost=",
+        ]
+
+    with TemporaryService(stack, users={"daemon": "pw"}) as service:
+        asyncio.run(scenario(service))
+
+
+def test_broker_option_reaches_the_application(tmp_path: pathlib.Path) -> None:
+    """broker= is passed to the PAM application; a broker that is not there fails the
+    sign-in with an error naming it, never a sign-in without it."""
+    from pamphlet.contrib.jupyterhub import PamphletAuthenticator
+
+    socket_path = str(tmp_path / "no-broker.sock")
+
+    async def scenario(service: TemporaryService) -> None:
+        authenticator = PamphletAuthenticator(
+            service=service.name, confdir=service.confdir, broker=socket_path
+        )
+        with pytest.raises(Exception) as failure:
+            flow = authenticator.start("daemon", "pw", rhost="192.0.2.7")
+            await flow.wait_for_screen(0, 30)
+            assert flow.stage is not Stage.DONE
+        assert socket_path in str(failure.value) or "broker" in str(failure.value)
+
+    from pamphlet.contrib.jupyterhub._flow import Stage
+
+    with TemporaryService(users={"daemon": "pw"}) as service:
+        asyncio.run(scenario(service))
