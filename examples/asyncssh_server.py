@@ -1,20 +1,32 @@
 """An asyncio SSH server that logs users in through PAM: asyncssh with AsyncPamApplication.
 
-    python examples/asyncssh_server.py --port 2222 --service login [--confdir DIR] [--host-key FILE]
+    python examples/asyncssh_server.py --port 2222 --service login [--confdir DIR]
+        [--host-key FILE] [--login-grace SECONDS] [--max-startups N]
 
 The same behaviour as examples/ssh_server.py (paramiko, threads), on one
 event loop: keyboard-interactive authentication through PAM (the stack's
 questions become prompts, its info and error messages the challenge's
-instructions), then ``account_management``; an exec or shell request
-establishes credentials, opens the PAM session and answers ``Hello USER``
-and the session's PAM environment, exit status 0; the session is closed and
-the handle ended when the channel closes.
+instructions), then ``account_management``; when the password has expired,
+the change (``change_authtoken(change_expired_authtoken=True)``) follows in
+the same exchange, as OpenSSH's sshd does, and only then is the user let in.
+An exec or shell request establishes credentials, opens the PAM session and
+answers ``Hello USER`` and the session's PAM environment, exit status 0; the
+session is closed and the handle ended when the channel closes.
 
 asyncssh asks for a challenge in one coroutine and hands the answers to the
 next one, while PAM asks from inside a phase. The bridge is the login's
 ``conversation`` coroutine: it hands the messages to the pending challenge
-through a queue and awaits the answers. A client that goes away cancels the
-login task, which ends the conversation and frees the phase's thread.
+through a queue and awaits the answers.
+
+Each login's phases run in a task of their own (:attr:`KbdintLogin.task`),
+never in asyncssh's authentication tasks: asyncssh cancels those when the
+client retries or goes away, as often as it likes, and a phase cancelled
+twice would stop waiting for its thread while that thread is still inside
+libpam. A login is ended by one closing task (:func:`close_login`), started
+once per login and never cancelled: it cancels the phase once, waits for its
+thread, closes the session and ends the handle. Whoever needs the login gone
+awaits that task through :func:`asyncio.shield`, so that its own
+cancellation goes on and the closing still completes.
 
 Needs asyncssh: ``pip install 'pamphlet[ssh]'``.
 """
@@ -23,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -35,21 +46,37 @@ import pamphlet
 
 logger = logging.getLogger("ssh.auth")
 
+#: How long a client has to log in (sshd's LoginGraceTime; asyncssh's login_timeout).
+LOGIN_GRACE = 120.0
+#: Connections not yet logged in, at most (the first number of sshd's MaxStartups).
+MAX_STARTUPS = 10
+
 # What the login task hands to the challenge: messages to ask, its failure, or None.
 Step = list[pamphlet.Message] | BaseException | None
+
+#: Logins whose PAM handle has not been ended yet, and the tasks ending them.
+open_logins: set[KbdintLogin] = set()
+closing_tasks: set[asyncio.Task[None]] = set()
+#: Connections that have not logged in yet (see --max-startups).
+startups: set[PamSshServer] = set()
 
 
 class KbdintLogin(pamphlet.AsyncPamApplication):
     """A PAM login whose conversation is the SSH client's keyboard-interactive prompts."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, service: str, username: str, **kwargs: Any) -> None:
+        super().__init__(service, username, **kwargs)
+        # For the log: reading the `user` item needs the handle, which a
+        # phase may be holding inside libpam.
+        self.username = username
         self.steps: asyncio.Queue[Step] = asyncio.Queue()
         self.answers: asyncio.Future[list[str]] | None = None
         self.asked: list[pamphlet.Message] = []
         self.authenticated = False
         self.session_open = False
         self.session_said: list[str] = []
+        self.task: asyncio.Task[None] | None = None
+        self.closing: asyncio.Task[None] | None = None
 
     async def conversation(self, messages: list[pamphlet.Message]) -> list[str]:
         if self.authenticated:
@@ -64,31 +91,26 @@ class KbdintLogin(pamphlet.AsyncPamApplication):
         return await self.answers
 
     async def log_in(self) -> None:
-        """authenticate, then account_management; the outcome goes to the steps."""
+        """authenticate, account_management (and an expired password's change).
+
+        The outcome goes to the steps: None, or the exception that refused
+        the login. A cancellation (only :func:`close_login` cancels this
+        task) goes on.
+        """
         try:
             await self.authenticate()
-            await self.account_management()
-        except BaseException as error:
+            try:
+                await self.account_management()
+            except pamphlet.NewAuthTokenRequired:
+                # As sshd: the password has expired. The client changes it
+                # now, in the same keyboard-interactive exchange; the login
+                # goes on only if the change succeeds.
+                logger.info("the password of %s has expired: changing it", self.username)
+                await self.change_authtoken(change_expired_authtoken=True)
+        except Exception as error:
             self.steps.put_nowait(error)
-            if not isinstance(error, Exception):
-                raise  # a cancellation goes on
         else:
             self.steps.put_nowait(None)
-
-    async def next_challenge(self) -> asyncssh.KbdIntChallenge:
-        """The client's next prompts, or True/False once the login is decided."""
-        step = await self.steps.get()
-        if isinstance(step, BaseException):
-            logger.warning("login of %s refused: %r", self.user, step)
-            return False
-        if step is None:
-            self.authenticated = True
-            logger.info("%s logged in from %s", self.user, self.rhost)
-            return True
-        self.asked = step
-        instructions = "\n".join(message for message in step if not message.is_prompt)
-        prompts = [(str(m), not m.wants_password) for m in step if m.is_prompt]
-        return "", instructions, "", prompts
 
     def answer(self, responses: Sequence[str]) -> bool:
         """Give the client's responses to the waiting conversation; False if they do not fit."""
@@ -101,24 +123,90 @@ class KbdintLogin(pamphlet.AsyncPamApplication):
         return True
 
 
+def start_login(service: str, username: str, confdir: str | None, rhost: str | None) -> KbdintLogin:
+    login = KbdintLogin(service, username, confdir=confdir)
+    open_logins.add(login)
+    logger.info("PAM handle of %s started (%d open)", username, len(open_logins))
+    login.rhost = rhost
+    login.task = asyncio.get_running_loop().create_task(login.log_in())
+    return login
+
+
+def close_login(login: KbdintLogin) -> asyncio.Task[None]:
+    """The task that ends ``login``: started on the first call, the same one after.
+
+    Await it through :func:`asyncio.shield`: it must run to its end even if
+    the one awaiting it is cancelled (asyncssh cancels its authentication
+    tasks when the client retries or goes away).
+    """
+    if login.closing is None:
+        login.closing = asyncio.get_running_loop().create_task(_close(login))
+        closing_tasks.add(login.closing)
+        login.closing.add_done_callback(closing_tasks.discard)
+    return login.closing
+
+
+async def _close(login: KbdintLogin) -> None:
+    try:
+        task = login.task
+        if task is not None and not task.done():
+            # Cancelled once, and only here: the phase aborts its conversation
+            # (PAM_CONV_ERR) and waits for its thread to leave libpam.
+            task.cancel()
+            await asyncio.wait([task])
+        if login.session_open:
+            login.session_open = False
+            try:
+                await login.close_session()
+            except pamphlet.PamError as error:
+                logger.warning("closing the session of %s failed: %r", login.username, error)
+        await login.end()
+    except Exception:
+        logger.exception("ending the PAM handle of %s failed", login.username)
+        raise
+    finally:
+        open_logins.discard(login)
+    logger.info("PAM handle of %s ended (%d open)", login.username, len(open_logins))
+
+
 class PamSshServer(asyncssh.SSHServer):
     """One connection: keyboard-interactive through PAM, then one session."""
 
-    def __init__(self, service: str, confdir: str | None) -> None:
+    def __init__(self, service: str, confdir: str | None, max_startups: int) -> None:
         self.service = service
         self.confdir = confdir
+        self.max_startups = max_startups
         self.client_host: str | None = None
         self.login: KbdintLogin | None = None
-        self.login_task: asyncio.Task[None] | None = None
-        self.cleanup: asyncio.Task[None] | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.client_host = conn.get_extra_info("peername")[0]
+        if len(startups) >= self.max_startups:
+            logger.warning("too many logins in progress: %s refused", self.client_host)
+            conn.abort()
+            return
+        startups.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A login left half done (or a session) ends now: its phase's
         # thread is released, its handle ended.
-        self.cleanup = asyncio.get_running_loop().create_task(self.end_login())
+        startups.discard(self)
+        self.release_login()
+
+    def release_login(self) -> asyncio.Task[None] | None:
+        """Start ending this connection's login, if any; the task that ends it."""
+        login, self.login = self.login, None
+        return None if login is None else close_login(login)
+
+    async def end_login(self) -> None:
+        """End this connection's login and wait until it has ended.
+
+        Cancelling the caller does not stop the ending: the closing task
+        runs on, and the cancellation goes on to the caller's caller.
+        """
+        closing = self.release_login()
+        if closing is not None:
+            await asyncio.shield(closing)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -129,42 +217,39 @@ class PamSshServer(asyncssh.SSHServer):
     async def get_kbdint_challenge(
         self, username: str, lang: str, submethods: str
     ) -> asyncssh.KbdIntChallenge:
-        await self.end_login()  # a retry starts afresh
-        self.login = KbdintLogin(self.service, username, confdir=self.confdir)
-        self.login.rhost = self.client_host
-        self.login_task = asyncio.get_running_loop().create_task(self.login.log_in())
-        return await self.login.next_challenge()
+        await self.end_login()  # a retry starts afresh, once the last attempt has ended
+        self.login = start_login(self.service, username, self.confdir, self.client_host)
+        return await self.next_challenge(self.login)
 
     async def validate_kbdint_response(
         self, username: str, responses: Sequence[str]
     ) -> asyncssh.KbdIntChallenge:
-        if self.login is None:
+        login = self.login
+        if login is None:
             return False
-        if not self.login.answer(responses):
-            logger.warning("the answers of %s did not fit the prompts", username)
+        if not login.answer(responses):
+            logger.warning("the answers of %s did not fit the prompts", login.username)
             await self.end_login()
             return False
-        return await self.login.next_challenge()
+        return await self.next_challenge(login)
 
-    async def end_login(self) -> None:
-        login, task = self.login, self.login_task
-        self.login = self.login_task = None
-        if login is None:
-            return
-        if task is not None and not task.done():
-            task.cancel()  # ends a conversation the client abandoned
-        if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if login.session_open:
-            login.session_open = False
-            try:
-                await login.close_session()
-            except pamphlet.PamError as error:
-                logger.warning("closing the session of %s failed: %r", login.user, error)
-        user = login.user
-        await login.end()
-        logger.info("PAM handle of %s ended", user)
+    async def next_challenge(self, login: KbdintLogin) -> asyncssh.KbdIntChallenge:
+        """The client's next prompts, or True/False once the login is decided."""
+        step = await login.steps.get()
+        if isinstance(step, BaseException):
+            logger.warning("login of %s refused: %r", login.username, step)
+            if login is self.login:
+                await self.end_login()
+            return False
+        if step is None:
+            login.authenticated = True
+            startups.discard(self)
+            logger.info("%s logged in from %s", login.username, self.client_host)
+            return True
+        login.asked = step
+        instructions = "\n".join(message for message in step if not message.is_prompt)
+        prompts = [(str(m), not m.wants_password) for m in step if m.is_prompt]
+        return "", instructions, "", prompts
 
     async def run_session(self, process: asyncssh.SSHServerProcess[str]) -> None:
         login = self.login
@@ -200,7 +285,7 @@ async def serve(args: argparse.Namespace) -> None:
     else:
         host_key = asyncssh.generate_private_key("ssh-ed25519")
     listener = await asyncssh.create_server(
-        lambda: PamSshServer(args.service, args.confdir),
+        lambda: PamSshServer(args.service, args.confdir, args.max_startups),
         "127.0.0.1",
         args.port,
         server_host_keys=[host_key],
@@ -208,6 +293,7 @@ async def serve(args: argparse.Namespace) -> None:
         kbdint_auth=True,
         password_auth=False,
         public_key_auth=False,
+        login_timeout=args.login_grace,
     )
     port = listener.sockets[0].getsockname()[1]
     print(f"listening on 127.0.0.1:{port}", flush=True)
@@ -220,6 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service", required=True, help="the PAM service name")
     parser.add_argument("--confdir", help="read the PAM service from here, not /etc/pam.d")
     parser.add_argument("--host-key", help="a private key file; generated when not given")
+    parser.add_argument(
+        "--login-grace", type=float, default=LOGIN_GRACE, help="seconds a client has to log in"
+    )
+    parser.add_argument(
+        "--max-startups",
+        type=int,
+        default=MAX_STARTUPS,
+        help="connections not yet logged in, at most; more are closed at once",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("asyncssh").setLevel(logging.WARNING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,28 @@ class ScriptedApp(pamphlet.PamApplication):
     def conversation(self, messages: list[pamphlet.Message]) -> list[str]:
         self.seen.extend(messages)
         return [self.answers.pop(0) if m.is_prompt else "" for m in messages]
+
+
+#: pam_unix for every type: a real system stack (needs root to read /etc/shadow).
+UNIX_STACK = """\
+auth required pam_unix.so
+account required pam_unix.so
+password required pam_unix.so yescrypt
+session required pam_unix.so
+"""
+
+
+@pytest.fixture
+def unix_user() -> Iterator[tuple[str, str]]:
+    """A throwaway system user with a password, (name, password); always removed (root)."""
+    name = "pmph" + secrets.token_hex(4)
+    password = "Pw-" + secrets.token_hex(8)
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/false", name], check=True)
+    try:
+        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+        yield name, password
+    finally:
+        subprocess.run(["userdel", name], check=True)
 
 
 @pytest.fixture

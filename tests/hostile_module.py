@@ -82,8 +82,10 @@ class Call:
         return out
 
 
-def script_text(calls: Iterable[Call], returns: int = 0) -> str:
+def script_text(calls: Iterable[Call], returns: int = 0, *, crash: bool = False) -> str:
     lines = [line for call in calls for line in call.lines()]
+    if crash:
+        lines.append("crash")  # abort(): the process running the stack dies
     lines.append(f"return {returns}")
     return "\n".join(lines) + "\n"
 
@@ -151,13 +153,14 @@ class ScriptedModule:
         returns: int = 0,
         kind: str = "auth",
         control: str = "required",
+        crash: bool = False,
     ) -> tuple[str, str]:
         """A stack line running ``calls``, and the path of its record file."""
         self._count += 1
         script = os.path.join(self.directory, f"script{self._count}")
         record = os.path.join(self.directory, f"record{self._count}")
         with open(script, "w", encoding="ascii") as file:
-            file.write(script_text(calls, returns))
+            file.write(script_text(calls, returns, crash=crash))
         return f"{kind} {control} {self.path} script={script} record={record}", record
 
     def cleanup(self) -> None:

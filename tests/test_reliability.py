@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 
 import pamphlet
-from conftest import ScriptedApp, run_python
+from conftest import UNIX_STACK, ScriptedApp, run_python
 from hostile_module import Call, read_record, script_text
 from pamphlet.testing import TemporaryService
-from test_unix import UNIX_STACK, no_delay, unix_user  # noqa: F401 - a fixture
+from test_unix import no_delay
 
 ECHO_OFF, ECHO_ON, ERROR, INFO, RADIO = 1, 2, 3, 4, 5
 PROMPTS = (ECHO_OFF, ECHO_ON, RADIO)
@@ -361,7 +361,7 @@ def test_sixteen_threads_against_pam_matrix_long(sixteen_users):
 
 
 @pytest.mark.root
-def test_sixteen_threads_against_pam_unix(make_service, unix_user):  # noqa: F811
+def test_sixteen_threads_against_pam_unix(make_service, unix_user):
     name, password = unix_user
     service = make_service(UNIX_STACK)
 

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 import pamphlet
+from conftest import UNIX_STACK
 from pamphlet.simple import UnansweredPromptError
 
 MATRIX = (
@@ -219,29 +220,17 @@ def test_change_password_prompt_reading(prompt, answer):
 
 needs_root = pytest.mark.root  # conftest skips it without root (a failure in CI)
 
-UNIX_STACK = """\
-auth required pam_unix.so
-account required pam_unix.so
-password required pam_unix.so yescrypt
-"""
-
 
 @pytest.fixture
-def unix_user(pam_service_factory):
-    name = "pmph" + secrets.token_hex(4)
-    password = "Pw-" + secrets.token_hex(8)
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/false", name], check=True)
-    try:
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
-        yield pam_service_factory(UNIX_STACK, name="unix"), name, password
-    finally:
-        subprocess.run(["userdel", name], check=True)
+def unix_service(unix_user, pam_service_factory):
+    """(service, name, password): the throwaway user behind a pam_unix service."""
+    return pam_service_factory(UNIX_STACK, name="unix"), *unix_user
 
 
 @needs_root
 @pytest.mark.root
-def test_unix_password_change_when_expired(unix_user):
-    service, name, password = unix_user
+def test_unix_password_change_when_expired(unix_service):
+    service, name, password = unix_service
     pamphlet.authenticate(name, password, service.name, confdir=service.confdir)
     subprocess.run(["chage", "-d", "0", name], check=True)
     with pytest.raises(pamphlet.NewAuthTokenRequired):

@@ -10,13 +10,19 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import paramiko
 import pytest
+
+import pamphlet
+from conftest import UNIX_STACK, LibpamGate
 
 ROOT = pathlib.Path(__file__).parent.parent
 ASKPASS = pathlib.Path(__file__).parent / "askpass.py"
@@ -38,11 +44,12 @@ session optional pam_echo.so Your session, %u
 class Server:
     """An example server in a subprocess, listening on a free port."""
 
-    def __init__(self, script: pathlib.Path, service, log: pathlib.Path) -> None:
+    def __init__(self, script: pathlib.Path, service, log: pathlib.Path, *options: str) -> None:
         self.log = log
         self.stderr = open(log, "w")  # noqa: SIM115 - closed in stop()
         command = [sys.executable, str(script), "--port", "0", "--service", service.name]
         command += ["--confdir", service.confdir]
+        command += options
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -69,6 +76,27 @@ class Server:
         while self.log.read_text().count(text) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.log.read_text()
+
+    def handles(self) -> tuple[int, int]:
+        """How many PAM handles the server has started and ended, from its log."""
+        log = self.log.read_text()
+        return log.count(" started ("), log.count(" ended (")
+
+    def wait_for_handles_ended(self, timeout: float = 30) -> tuple[int, int]:
+        deadline = time.monotonic() + timeout
+        started, ended = self.handles()
+        while started != ended and time.monotonic() < deadline:
+            time.sleep(0.02)
+            started, ended = self.handles()
+        return started, ended
+
+    def settled_threads(self) -> int:
+        """The thread count once it has stopped changing (threads of past logins gone)."""
+        previous, current = -1, self.threads()
+        while current != previous:
+            time.sleep(0.2)
+            previous, current = current, self.threads()
+        return current
 
     def stop(self) -> None:
         self.process.terminate()
@@ -112,6 +140,7 @@ class Ssh:
         ]
 
     def start(self, user: str, answers: list[str]) -> tuple[subprocess.Popen[str], pathlib.Path]:
+        """Start ssh; askpass answers its prompts with ``answers``, in order."""
         self.runs += 1
         log = self.directory / f"askpass-{self.runs}.log"
         env = {
@@ -158,9 +187,10 @@ def login(server_script, make_service, tmp_path):
     """``login(stack) -> (server, ssh)`` with users bob:secret and alice:wonder."""
     started = []
 
-    def start(stack: str = STACK):
-        service = make_service(stack, users={"bob": "secret", "alice": "wonder"})
-        server = Server(server_script, service, tmp_path / "server.log")
+    def start(stack: str = STACK, *options: str, service=None):
+        if service is None:
+            service = make_service(stack, users={"bob": "secret", "alice": "wonder"})
+        server = Server(server_script, service, tmp_path / "server.log", *options)
         started.append(server)
         return server, Ssh(server.port, tmp_path)
 
@@ -292,3 +322,256 @@ def test_answers_that_do_not_fit_the_prompts_are_refused(login):
     log = server.wait_for_log("PAM handle of bob ended")
     assert "the answers of bob did not fit the prompts" in log
     assert "logged in" not in log
+
+
+def kbdint_request(user: str) -> paramiko.Message:
+    """A USERAUTH_REQUEST for keyboard-interactive, as a client sends it."""
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_USERAUTH_REQUEST)
+    message.add_string(user)
+    message.add_string("ssh-connection")
+    message.add_string("keyboard-interactive")
+    message.add_string("")  # language
+    message.add_string("")  # submethods
+    return message
+
+
+def test_a_login_retried_then_dropped_ends_every_handle(login, tmp_path):
+    """The client retries while the server waits for its answers, then hangs up.
+
+    The first attempt's phase is held inside libpam (a pam_exec gate after
+    its aborted conversation) while the retry waits for it to end, and the
+    client drops right then: asyncssh cancels the waiting retry, as it
+    cancels any authentication in progress when the connection goes.
+    Every PAM handle the server started must still be ended, at once, and
+    every thread it started for the login must be gone.
+    """
+    gate = LibpamGate(tmp_path)
+    stack = STACK.replace(
+        "auth required {pam_matrix} passdb={passdb} verbose\n",
+        "auth required {pam_matrix} passdb={passdb} verbose\n" + gate.line("auth") + "\n",
+    )
+    server, ssh = login(stack)
+    gate.open()  # warm up: the threads a server keeps once it has served a login
+    result, _ = ssh.run("alice", ["wonder"])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    assert server.wait_for_handles_ended() == (1, 1)
+    baseline = server.settled_threads()
+    gate.opened.unlink()
+    gate.entered.unlink()
+
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    transport = paramiko.Transport(sock)
+    retried, dropped = threading.Event(), threading.Event()
+
+    def retry_instead_of_answering(title, instructions, prompts):
+        if prompts and not retried.is_set():
+            transport._send_message(kbdint_request("bob"))
+            retried.set()
+            dropped.wait(60)
+        return ["secret"] * len(prompts)
+
+    def authenticate():
+        try:
+            transport.auth_interactive("bob", retry_instead_of_answering)
+        except (paramiko.SSHException, EOFError, OSError):
+            pass  # the connection is dropped under it
+
+    client = threading.Thread(target=authenticate, daemon=True)
+    try:
+        transport.start_client(timeout=30)
+        client.start()
+        assert retried.wait(30)
+        # the first attempt's phase: conversation aborted by the retry, now
+        # inside libpam, and the retry waits for it to end
+        gate.wait_entered()
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    finally:
+        dropped.set()
+        transport.close()
+        client.join(30)
+    gate.open()
+    started, ended = server.wait_for_handles_ended()
+    log = server.log.read_text()
+    assert started >= 2 and ended == started, log
+    assert [line for line in log.splitlines() if " ended (" in line][-1].endswith("(0 open)")
+    assert server.wait_for_threads(baseline) == baseline
+    # and the server still serves
+    result, _ = ssh.run("bob", ["secret"])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+
+
+@pytest.fixture
+def expired_user(unix_user):
+    """A throwaway system user whose password has expired (``chage -d 0``)."""
+    subprocess.run(["chage", "-d", "0", unix_user[0]], check=True)
+    return unix_user
+
+
+@pytest.mark.root  # pam_unix reads and writes /etc/shadow
+def test_an_expired_password_is_changed_in_the_same_exchange(login, make_service, expired_user):
+    """As OpenSSH's sshd: account management says the password has expired,
+    the client changes it in the same keyboard-interactive exchange, and only
+    then is let in; the new password is the one that works next time."""
+    name, old = expired_user
+    new = "Nw-" + secrets.token_hex(8)
+    server, ssh = login(service=make_service(UNIX_STACK))
+    result, asked = ssh.run(name, [old, old, new, new])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    assert result.stdout.startswith(f"Hello {name}\n")
+    prefix = f"({name}@127.0.0.1) "
+    assert asked == [
+        prefix + "Password: ",
+        prefix + "Current password: ",
+        prefix + "New password: ",
+        prefix + "Retype new password: ",
+    ]
+    # pam_unix's messages were shown to the client, not asked
+    assert "You are required to change your password immediately" in result.stderr
+    assert f"Changing password for {name}." in result.stderr
+    assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
+
+    # the change took: the new password logs in, with nothing more to change
+    result, asked = ssh.run(name, [new])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    assert asked == [prefix + "Password: "]
+    result, _ = ssh.run(name, [old])
+    assert result.returncode == 255
+
+
+@pytest.mark.root
+def test_an_expired_password_not_changed_is_refused(login, make_service, expired_user):
+    name, old = expired_user
+    server, ssh = login(service=make_service(UNIX_STACK))
+    # the right password, then a wrong current password for the change
+    result, asked = ssh.run(name, [old, "wrong", "Nw-x1y2z3w4", "Nw-x1y2z3w4"])
+    assert result.returncode == 255
+    assert "Hello" not in result.stdout
+    assert len(asked) == 2  # Password, Current password: the change failed there
+    assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
+    # still expired, still the old password: the next login must change it
+    new = "Nw-" + secrets.token_hex(8)
+    result, asked = ssh.run(name, [old, old, new, new])
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    assert len(asked) == 4
+
+
+def test_paramiko_the_login_grace_ending_mid_retry_leaves_no_handle(matrix, monkeypatch):
+    """The grace time ends (serve_connection calls end_pam) while the transport's
+    thread is between ending a retried attempt's handle and making the next:
+    that next handle must not be kept, nor wait for answers that never come."""
+    from examples import ssh_server
+
+    made: list[pamphlet.ThreadedPamApplication] = []
+    making, made_go_on = threading.Event(), threading.Event()
+
+    class HeldApplication(pamphlet.ThreadedPamApplication):
+        def __init__(self, *args, **kwargs):
+            making.set()
+            made_go_on.wait(30)  # held between the old handle's end and the new one
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(pamphlet, "ThreadedPamApplication", HeldApplication)
+    server = ssh_server.SshServer(matrix.name, matrix.confdir, "127.0.0.1")
+    outcome = []
+    transport_thread = threading.Thread(
+        target=lambda: outcome.append(server.check_auth_interactive("bob", "")), daemon=True
+    )
+    try:
+        transport_thread.start()
+        assert making.wait(30)
+        server.end_pam()  # the login grace time is over
+        made_go_on.set()
+        transport_thread.join(30)
+        assert outcome == [paramiko.AUTH_FAILED]
+        assert len(made) == 1
+        assert made[0].ended  # ended at once, not left for the garbage collector
+        assert made[0].conversation_timeout is not None
+        assert server.pam is None
+    finally:
+        made_go_on.set()
+        for app in made:
+            app.end()
+
+
+def test_paramiko_every_handle_has_a_conversation_timeout(matrix):
+    from examples import ssh_server
+
+    server = ssh_server.SshServer(matrix.name, matrix.confdir, "127.0.0.1")
+    try:
+        query = server.check_auth_interactive("bob", "")
+        assert isinstance(query, paramiko.server.InteractiveQuery)
+        assert server.pam is not None
+        assert 0 < server.pam.conversation_timeout <= ssh_server.LOGIN_GRACE
+    finally:
+        server.end_pam()
+    assert server.pam is None
+
+
+def banner_or_eof(sock: socket.socket) -> bytes:
+    """The server's first bytes: its SSH banner, or b"" if it closed the connection."""
+    sock.settimeout(30)
+    try:
+        return sock.recv(64)
+    except ConnectionResetError:
+        return b""
+
+
+def test_connections_logging_in_are_capped(login):
+    """--max-startups 2: a third connection that has not logged in is closed before
+    the banner; a slot freed by a client leaving is given to the next."""
+    server, ssh = login(STACK, "--max-startups", "2")
+    result, _ = ssh.run("alice", ["wonder"])  # warm up
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    server.wait_for_handles_ended()
+    baseline = server.settled_threads()
+    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    refused = []
+    try:
+        for sock in held:
+            assert banner_or_eof(sock).startswith(b"SSH-2.0-")
+        for _ in range(10):
+            refused.append(socket.create_connection(("127.0.0.1", server.port)))
+            assert banner_or_eof(refused[-1]) == b""
+        assert "too many logins in progress" in server.log.read_text()
+        result, _ = ssh.run("bob", ["secret"])
+        assert result.returncode == 255
+        assert "Hello" not in result.stdout
+        assert server.threads() <= baseline + 8  # two connections' worth, not twelve
+    finally:
+        for sock in held + refused:
+            sock.close()
+    # the slots come back when the connections end
+    deadline = time.monotonic() + 30
+    while True:
+        result, _ = ssh.run("bob", ["secret"])
+        if result.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+
+
+def test_a_login_past_its_grace_time_is_ended(login):
+    """--login-grace 2: a client that never answers is disconnected, its handle
+    ended and its threads gone, without waiting for the conversation timeout."""
+    server, ssh = login(STACK, "--login-grace", "2")
+    result, _ = ssh.run("alice", ["wonder"])  # warm up
+    assert result.returncode == 0, result.stderr + server.log.read_text()
+    server.wait_for_handles_ended()
+    baseline = server.settled_threads()
+    process, askpass_log = ssh.start("bob", ["<hang up>"])  # waits at the prompt
+    try:
+        deadline = time.monotonic() + 30
+        while not askpass_log.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert askpass_log.exists()  # the server's phase waits in its conversation
+        # (ssh itself notices only once askpass returns)
+        started, ended = server.wait_for_handles_ended()
+        assert started == ended == 2, server.log.read_text()
+        assert server.wait_for_threads(baseline) == baseline
+    finally:
+        (askpass_log.parent / (askpass_log.name + ".hangup")).touch()
+        process.kill()
+        process.wait()

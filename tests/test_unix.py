@@ -8,28 +8,9 @@ import subprocess
 import pytest
 
 import pamphlet
-from conftest import ScriptedApp
+from conftest import UNIX_STACK, ScriptedApp
 
 pytestmark = pytest.mark.root  # pam_unix reads /etc/shadow
-
-UNIX_STACK = """\
-auth required pam_unix.so
-account required pam_unix.so
-password required pam_unix.so yescrypt
-session required pam_unix.so
-"""
-
-
-@pytest.fixture
-def unix_user():
-    name = "pmph" + secrets.token_hex(4)
-    password = "Pw-" + secrets.token_hex(8)
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/false", name], check=True)
-    try:
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
-        yield name, password
-    finally:
-        subprocess.run(["userdel", name], check=True)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ page into its temporary folder.
 
 from __future__ import annotations
 
+import http.client
 import http.cookiejar
 import os
 import pathlib
@@ -16,6 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -101,6 +103,14 @@ def thread_names() -> list[str]:
     return sorted(names)
 
 
+def wait_for_threads(expected: list[str], timeout: float = 15) -> None:
+    """Wait until this process's OS threads are ``expected`` again (names sorted)."""
+    try:
+        wait_until(lambda: thread_names() == expected, timeout=timeout)
+    except AssertionError:
+        raise AssertionError(f"threads {thread_names()}, expected {expected}") from None
+
+
 def recorded_session_stack(tmp_path: pathlib.Path) -> tuple[str, pathlib.Path]:
     """MATRIX_STACK plus pam_exec writing "open_session USER" / "close_session USER"
     lines into the returned file: proof of which session calls really ran."""
@@ -154,6 +164,7 @@ def test_wrong_password_is_refused_after_a_delay_that_holds_no_thread(
     server = serve(service)
     threads_before = thread_names()
     sign_in(page, server, "bob", tmp_path)
+    [flow] = flows_of(server)
     page.fill("Password:", "wrong")
     page.screenshot(tmp_path, "wrong-password")
     started = time.monotonic()
@@ -161,13 +172,13 @@ def test_wrong_password_is_refused_after_a_delay_that_holds_no_thread(
 
     # While libpam's delay runs, the failed login holds no thread of its own,
     # and another browser is served at once.
-    wait_until(lambda: flows_of(server)[0].stage is Stage.WORKING, what="the POST to arrive")
+    wait_until(lambda: flow.stage is Stage.WORKING, what="the POST to arrive")
     time.sleep(0.5)
-    assert flows_of(server)[0].stage is Stage.WORKING, "the delay is over already"
+    assert flow.stage is Stage.WORKING, "the delay is over already"
     assert thread_names() == threads_before
     other = urllib.request.urlopen(server.url + "/", timeout=10)
     assert b"<h1>Sign in</h1>" in other.read()
-    assert flows_of(server)[0].stage is Stage.WORKING, "the other request waited for the delay"
+    assert flow.stage is Stage.WORKING, "the other request waited for the delay"
 
     page.wait_for_new_page(old_page)
     # libpam draws the delay at random, between half and one and a half times
@@ -435,6 +446,13 @@ def test_forms_need_the_csrf_token_of_their_own_cookie(serve, make_service):
     assert status == 303 and headers["Location"] == "/"
     [flow] = flows_of(server)
     assert flow.stage is Stage.ASKING
+    # The login POST spent the id it came with: the token of that id is
+    # worth nothing now, and the new id has a token of its own.
+    status, body, _headers = client.request(
+        "/answer", {"step": str(flow.step), "answer-0": "secret", "csrf": token}
+    )
+    assert status == 403 and flow.stage is Stage.ASKING
+    token = client.csrf()
     # Answers need the token too, and the step of the question they answer.
     status, body, _headers = client.request("/answer", {"step": "1", "answer-0": "secret"})
     assert status == 403
@@ -459,7 +477,7 @@ def test_an_answer_with_a_nul_byte_fails_closed(serve, make_service):
     client.request("/login", {"username": "bob", "csrf": token})
     [flow] = flows_of(server)
     status, _body, _headers = client.request(
-        "/answer", {"step": str(flow.step), "answer-0": "secret\0junk", "csrf": token}
+        "/answer", {"step": str(flow.step), "answer-0": "secret\0junk", "csrf": client.csrf()}
     )
     assert status == 303
     status, body, _headers = client.request("/")
@@ -514,6 +532,346 @@ def test_errors_never_show_a_traceback(page, serve, make_service, tmp_path, monk
 
     status, body, _headers = Client(server.url).request("/no/such/page")
     assert status == 404 and "Traceback" not in body
+
+
+# -- attacks: fixation, races, holding resources ---------------------------------
+
+
+def fetch(
+    base: str,
+    path: str,
+    *,
+    sid: str | None = None,
+    form: dict[str, str] | None = None,
+    source: str = "127.0.0.1",
+) -> tuple[int, http.client.HTTPMessage, str, str | None]:
+    """One request as an attacker's script sends it: the cookie set by hand, from
+    the loopback address ``source``. (status, headers, body, the id the answer sets)."""
+    host, port = urllib.parse.urlsplit(base).netloc.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
+    try:
+        headers = {"Cookie": f"{COOKIE}={sid}"} if sid is not None else {}
+        body = None
+        if form is not None:
+            body = urllib.parse.urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        connection.request("POST" if form is not None else "GET", path, body, headers)
+        response = connection.getresponse()
+        text = response.read().decode()
+    finally:
+        connection.close()
+    issued = None
+    for header in response.headers.get_all("Set-Cookie") or []:
+        match = re.match(rf"{COOKIE}=([^;]*)", header)
+        if match:
+            issued = match.group(1)
+    return response.status, response.headers, text, issued
+
+
+def csrf_in(body: str) -> str:
+    match = re.search(r'name="csrf" value="([0-9a-f]+)"', body)
+    assert match, body
+    return match.group(1)
+
+
+def new_visitor(base: str, source: str = "127.0.0.1") -> tuple[str, str]:
+    """(id, CSRF token) of a first visit, as the server issues them."""
+    status, _headers, body, sid = fetch(base, "/", source=source)
+    assert status == 200 and sid, body
+    return sid, csrf_in(body)
+
+
+def start_login(
+    base: str, user: str = "bob", source: str = "127.0.0.1"
+) -> tuple[int, http.client.HTTPMessage, str, str | None]:
+    """POST /login as a new visitor; the id returned is the one the client holds after it."""
+    sid, csrf = new_visitor(base, source)
+    status, headers, body, issued = fetch(
+        base, "/login", sid=sid, form={"username": user, "csrf": csrf}, source=source
+    )
+    return status, headers, body, issued or sid
+
+
+@pytest.fixture
+def created_flows(monkeypatch: pytest.MonkeyPatch) -> list[LoginFlow]:
+    """Every LoginFlow the server makes, whether its tables keep it or not."""
+    from examples.web_login import server as server_module
+
+    created: list[LoginFlow] = []
+
+    class Recorded(LoginFlow):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(server_module, "LoginFlow", Recorded)
+    return created
+
+
+def all_released(flows: list[LoginFlow]) -> bool:
+    return all(flow.app.ended and flow.task.done() for flow in flows)
+
+
+def test_a_planted_id_never_becomes_logged_in(page, serve, make_service, tmp_path):
+    # The account phase takes a second after the last answer: the window in
+    # which an attacker who planted the victim's id polls for the logged-in page.
+    stack = MATRIX_STACK.replace(
+        "account ", "account  required pam_exec.so /bin/sleep 1\naccount ", 1
+    )
+    service = make_service(stack, users={"bob": "secret"})
+    server = serve(service)
+
+    # An id the server never issued is not adopted: it answers with its own,
+    # and a form sent under the made-up id starts nothing.
+    made_up = "A" * 43
+    status, _headers, body, issued = fetch(server.url, "/", sid=made_up)
+    assert status == 200 and issued and issued != made_up
+    status, _headers, body, _issued = fetch(
+        server.url, "/login", sid=made_up, form={"username": "bob", "csrf": csrf_in(body)}
+    )
+    assert status == 403
+    assert flows_of(server) == []
+
+    # The attacker gets a genuine id and plants it in the victim's browser
+    # (a sibling subdomain can set it), then polls the site with it.
+    planted, _csrf = new_visitor(server.url)
+    page.get(server.url + "/style.css")
+    page.driver.add_cookie({"name": COOKIE, "value": planted, "path": "/"})
+    seen_by_attacker: list[str] = []
+    attacker_ids = {planted}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            for sid in list(attacker_ids):
+                _status, _headers, text, issued = fetch(server.url, "/", sid=sid)
+                seen_by_attacker.append(text)
+                if issued:
+                    attacker_ids.add(issued)
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        ids_before_login = {planted}
+        page.get(server.url + "/")
+        ids_before_login.add(page.cookie(COOKIE)["value"])
+        page.fill("User name", "bob")
+        page.click("Continue")
+        ids_before_login.add(page.cookie(COOKIE)["value"])
+        assert page.fields() == [("Password:", "password")]
+        answer(page, "Password:", "secret", tmp_path, "password")
+        assert page.title == "Welcome, bob"
+        time.sleep(0.3)  # the attacker polls on, after the login
+    finally:
+        stop.set()
+        poller.join()
+
+    logged_in = page.cookie(COOKIE)["value"]
+    assert logged_in not in ids_before_login | attacker_ids
+    assert seen_by_attacker, "the attacker never got an answer"
+    for text in seen_by_attacker:
+        assert "Welcome" not in text and "bob" not in text
+    for sid in ids_before_login | attacker_ids:
+        _status, _headers, text, _issued = fetch(server.url, "/", sid=sid)
+        assert "<h1>Sign in</h1>" in text and "Welcome" not in text
+    assert server.call(lambda: list(server.login.flows)) == [logged_in]
+    page.get(server.url + "/")
+    assert page.title == "Welcome, bob"
+
+
+def test_a_login_slower_than_a_request_still_gets_an_id_made_after_it(serve, make_service):
+    # The answer's response goes out before the stack is done: the id it
+    # carries predates the login, so the first request that sees the login
+    # done replaces it, and only the browser holding it can send that request.
+    stack = MATRIX_STACK.replace(
+        "account ", "account  required pam_exec.so /bin/sleep 1\naccount ", 1
+    )
+    service = make_service(stack, users={"bob": "secret"})
+    server = serve(service, wait_timeout=0.2)
+    _status, _headers, _body, sid = start_login(server.url)
+    [flow] = flows_of(server)
+    _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
+    status, _headers, _body, answered = fetch(
+        server.url,
+        "/answer",
+        sid=sid,
+        form={"csrf": csrf_in(body), "step": str(flow.step), "answer-0": "secret"},
+    )
+    assert status == 303 and answered and answered != sid
+    assert not flow.logged_in
+    ids = [answered]
+    body = ""
+    while "Welcome" not in body:
+        _status, _headers, body, issued = fetch(server.url, "/", sid=ids[-1])
+        if issued:
+            ids.append(issued)
+        assert "Welcome" in body or "Please wait" in body, body
+    assert len(ids) == 2, "the id was not replaced when the login was done"
+    for old in (sid, answered):
+        _status, _headers, body, _issued = fetch(server.url, "/", sid=old)
+        assert "<h1>Sign in</h1>" in body
+    _status, _headers, body, issued = fetch(server.url, "/", sid=ids[-1])
+    assert "<h1>Welcome, bob</h1>" in body and issued is None
+
+
+def test_concurrent_logins_with_one_id_leave_no_flow_behind(serve, make_service, created_flows):
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    threads_without_server = thread_names()
+    server = serve(service, login_timeout=1.0)
+    threads_before = thread_names()
+
+    def burst() -> list[int]:
+        sid, csrf = new_visitor(server.url)
+        barrier = threading.Barrier(10)
+        statuses: list[int] = []
+
+        def post() -> None:
+            barrier.wait()
+            status, _headers, _body, _issued = fetch(
+                server.url, "/login", sid=sid, form={"username": "bob", "csrf": csrf}
+            )
+            statuses.append(status)
+
+        posters = [threading.Thread(target=post) for _ in range(10)]
+        for poster in posters:
+            poster.start()
+        for poster in posters:
+            poster.join()
+        return statuses
+
+    statuses = burst()
+    assert len(statuses) == 10 and set(statuses) == {303}
+    assert len(created_flows) == 10
+    # One browser id, one login: each new one replaced the one before.
+    wait_until(
+        lambda: sum(not flow.app.ended for flow in created_flows) <= 1,
+        what="the replaced logins to be released",
+    )
+    # After the login timeout nothing is left: no handle, no thread, no flow.
+    wait_until(lambda: all_released(created_flows), what="every login to be released")
+    wait_for_threads(threads_before)
+    assert [flow for flow in flows_of(server) if not flow.stage.finished] == []
+    assert server.call(lambda: set(server.login.live)) == set()
+
+    # Again, and the server stops before the timeout: shutdown releases them all.
+    server.login.login_timeout = 60.0
+    created_flows.clear()
+    assert set(burst()) == {303}
+    assert sum(not flow.app.ended for flow in created_flows) >= 1
+    server.stop()
+    assert all_released(created_flows)
+    wait_for_threads(threads_without_server)
+
+
+def test_polling_does_not_keep_an_unanswered_login_alive(serve, make_service, tmp_path):
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service, login_timeout=1.0)
+    threads_before = thread_names()
+    started = time.monotonic()
+    status, _headers, _body, sid = start_login(server.url)
+    assert status == 303 and sid
+    [flow] = flows_of(server)
+    assert flow.stage is Stage.ASKING
+
+    # The client polls the page and never answers: the login ends at the
+    # login timeout all the same.
+    pages = []
+    while not flow.app.ended and time.monotonic() - started < 10:
+        _status, _headers, body, issued = fetch(server.url, "/", sid=sid)
+        pages.append(body)
+        sid = issued or sid
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    assert flow.app.ended, "polling kept the login alive"
+    assert 1.0 <= elapsed < 5.0
+    assert flow.stage is Stage.EXPIRED
+    wait_for_threads(threads_before)
+    _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
+    assert "Your sign-in timed out and was cancelled." in body
+
+
+def test_answers_extend_a_login_and_nothing_else_does(serve, make_service, tmp_path):
+    # Two prompts: each answer starts the login timeout afresh.
+    service = make_service(users={"bob": "secret"})
+    codes = tmp_path / "codes" / "passdb"
+    codes.parent.mkdir()
+    codes.write_text(f"bob:271828:{service.name}\n")
+    service.add_service(
+        service.name,
+        f"auth required {{pam_matrix}} passdb={{passdb}}\n"
+        f"auth required {{pam_matrix}} passdb={codes} echo\n"
+        + "\n".join(MATRIX_STACK.splitlines()[1:]),
+    )
+    server = serve(service, login_timeout=3.0)
+    _status, _headers, _body, sid = start_login(server.url)
+    assert sid
+    [flow] = flows_of(server)
+    _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
+    time.sleep(2.0)
+    _status, _headers, _body, issued = fetch(
+        server.url,
+        "/answer",
+        sid=sid,
+        form={"csrf": csrf_in(body), "step": str(flow.step), "answer-0": "secret"},
+    )
+    sid = issued or sid
+    time.sleep(2.0)  # 4 s since the login began, 2 s since the answer
+    assert not flow.app.ended
+    _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
+    assert "Signing in as" in body
+    _status, _headers, _body, issued = fetch(
+        server.url,
+        "/answer",
+        sid=sid,
+        form={"csrf": csrf_in(body), "step": str(flow.step), "answer-0": "271828"},
+    )
+    sid = issued or sid
+    _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
+    assert "<h1>Welcome, bob</h1>" in body
+
+
+def test_logins_in_flight_are_capped_overall_and_per_address(
+    page, serve, make_service, tmp_path, created_flows
+):
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service, login_timeout=5.0, max_logins=4, max_logins_per_address=2)
+    threads_before = thread_names()
+
+    def over_the_cap(status: int, headers: http.client.HTTPMessage, body: str) -> None:
+        assert status == 503, body
+        assert 1 <= int(headers["Retry-After"]) <= 5
+        assert "<h1>Try again later</h1>" in body
+
+    for _ in range(2):
+        status, _headers, _body, _sid = start_login(server.url, source="127.0.0.2")
+        assert status == 303
+    # A third from the same address is refused, and starts no PAM transaction.
+    over_the_cap(*start_login(server.url, source="127.0.0.2")[:3])
+    assert len(created_flows) == 2
+    # Another address still gets in, up to the overall cap.
+    for _ in range(2):
+        status, _headers, _body, _sid = start_login(server.url, source="127.0.0.3")
+        assert status == 303
+    status, headers, body, _sid = start_login(server.url, source="127.0.0.4")
+    over_the_cap(status, headers, body)
+    assert "Too many sign-ins are in progress" in body
+    assert len(created_flows) == 4
+
+    # What a browser shows over the cap.
+    page.get(server.url + "/")
+    page.fill("User name", "bob")
+    page.click("Continue")
+    shot = page.screenshot(tmp_path, "over-the-cap")
+    assert page.title == "Try again later"
+    assert "Please try again in" in page.text
+    print(f"screenshot: {shot}")
+
+    # The logins nobody answers are released at the timeout; then there is room again.
+    wait_until(lambda: all_released(created_flows), timeout=30, what="the logins to be released")
+    wait_for_threads(threads_before)
+    status, _headers, _body, _sid = start_login(server.url, source="127.0.0.2")
+    assert status == 303
 
 
 # -- the command of the README --------------------------------------------------
@@ -595,6 +953,48 @@ def test_the_command_with_a_service_and_confdir(page, make_service, tmp_path):
         err = stop_command(process)
     # Stopping the server with a session open closes it and ends the handle.
     assert marker.read_text() == "open_session bob\nclose_session bob\n"
+    assert "Traceback" not in err and "never ended" not in err
+
+
+def process_threads(pid: int) -> int:
+    return len(list(pathlib.Path(f"/proc/{pid}/task").iterdir()))
+
+
+def test_the_command_caps_logins_and_releases_them_at_the_timeout(tmp_path):
+    process, url = start_command(
+        "--login-timeout", "3", "--max-logins", "3", "--max-logins-per-address", "2"
+    )
+    try:
+        threads_before = process_threads(process.pid)
+        # Made-up ids start nothing: the form they carry is refused.
+        for number in range(5):
+            status, _headers, body, issued = fetch(url, "/", sid=f"made-up-{number}")
+            assert issued and not issued.startswith("made-up")
+            status, _headers, body, _issued = fetch(
+                url, "/login", sid=f"made-up-{number}", form={"username": "demo", "csrf": "0"}
+            )
+            assert status == 403
+        assert process_threads(process.pid) == threads_before
+
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3"):
+            status, _headers, body, _sid = start_login(url, "demo", source)
+            assert status == 303
+        assert process_threads(process.pid) == threads_before + 3  # one per login
+        status, headers, body, _sid = start_login(url, "demo", "127.0.0.2")
+        assert status == 503 and 1 <= int(headers["Retry-After"]) <= 3
+        assert "Too many sign-ins from your network" in body
+        status, headers, body, _sid = start_login(url, "demo", "127.0.0.4")
+        assert status == 503 and "Too many sign-ins are in progress" in body
+
+        # Polled or not, the logins nobody answers end at the timeout.
+        wait_until(
+            lambda: process_threads(process.pid) == threads_before,
+            what="the server's PAM threads to finish",
+        )
+        status, _headers, _body, _sid = start_login(url, "demo", "127.0.0.4")
+        assert status == 303
+    finally:
+        err = stop_command(process)
     assert "Traceback" not in err and "never ended" not in err
 
 

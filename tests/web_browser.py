@@ -59,6 +59,9 @@ class ServerThread:
         return self.run(on_loop())
 
     def stop(self) -> None:
+        """Shut the application down as ``runner.cleanup()`` does; once is enough."""
+        if self.loop.is_closed():
+            return
         try:
             self.run(self._runner.cleanup())
         finally:
@@ -123,7 +126,8 @@ class Browser:
             self.driver.close()
         self.driver.switch_to.window(handles[0])
         self.driver.get("about:blank")
-        self.driver.delete_all_cookies()
+        # (delete_all_cookies() would only clear about:blank's own cookies)
+        self.driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
 
     # -- reading the page ------------------------------------------------------
 

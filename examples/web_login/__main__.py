@@ -1,4 +1,7 @@
-"""``python -m examples.web_login --port PORT [--service NAME] [--confdir DIR]``."""
+"""``python -m examples.web_login --port PORT [--service NAME] [--confdir DIR]``.
+
+See ``--help`` for the timeouts and the caps on logins in flight.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,14 @@ import sys
 from aiohttp import web
 
 from .demo import DEMO_CODE, DEMO_PASSWORD, demo_service
-from .server import WebLogin
+from .server import MAX_LOGINS, MAX_LOGINS_PER_ADDRESS, WebLogin
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +47,20 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="idle seconds before a session is closed (default 1800)",
     )
     parser.add_argument(
+        "--max-logins",
+        type=_positive,
+        default=MAX_LOGINS,
+        help="logins in flight (started, not yet logged in) at once; "
+        f"more are told to try again later (default {MAX_LOGINS})",
+    )
+    parser.add_argument(
+        "--max-logins-per-address",
+        type=_positive,
+        default=MAX_LOGINS_PER_ADDRESS,
+        help="logins in flight from one client address (an IPv6 /64); behind a "
+        f"reverse proxy all clients share its address (default {MAX_LOGINS_PER_ADDRESS})",
+    )
+    parser.add_argument(
         "--secure-cookie",
         action="store_true",
         help="mark the cookie Secure (when served over HTTPS behind a proxy)",
@@ -51,6 +75,8 @@ async def serve(arguments: argparse.Namespace, service: str, confdir: str | None
         login_timeout=arguments.login_timeout,
         session_timeout=arguments.session_timeout,
         secure_cookie=arguments.secure_cookie,
+        max_logins=arguments.max_logins,
+        max_logins_per_address=arguments.max_logins_per_address,
     )
     runner = web.AppRunner(login.make_app(), access_log=None)
     await runner.setup()

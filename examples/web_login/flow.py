@@ -54,9 +54,7 @@ class BrowserLogin(AsyncPamApplication):
         self._flow = flow
         super().__init__(service, user, confdir=confdir)
 
-    async def conversation(  # type: ignore[override]  # the async flavour of the contract
-        self, messages: list[Message]
-    ) -> list[str]:
+    async def conversation(self, messages: list[Message]) -> list[str]:
         return await self._flow.converse(messages)
 
 
@@ -66,22 +64,36 @@ class LoginFlow:
     Create it inside the event loop; it starts its task at once. ``stage``,
     ``title``, ``shown`` (the messages of the current screen, notices and
     prompts in order) and ``step`` (which screen this is) describe what the
-    browser should display.
+    browser should display. ``address`` is the client's, for the per-address
+    cap; ``logged_in`` turns true when the welcome screen is first shown and
+    stays true; ``last_active`` is when the login began, or the last answer
+    came, or (once logged in) the last request of the session.
     """
 
     def __init__(
-        self, service: str, user: str, *, confdir: str | None = None, sid: str = ""
+        self,
+        service: str,
+        user: str,
+        *,
+        confdir: str | None = None,
+        sid: str = "",
+        address: str = "",
     ) -> None:
         loop = asyncio.get_running_loop()
         self.sid = sid
+        self.address = address
         self.user = user
         self.stage = Stage.WORKING
         self.step = 0
         self.title = "Sign in"
         self.shown: list[Message] = []
         self.environ: dict[str, str] = {}
-        self.sid_rotated = False
-        self.last_seen = loop.time()
+        self.logged_in = False
+        # Whether ``sid`` was made after the login completed: an id from before
+        # it is replaced at the first request that sees the welcome screen.
+        self.sid_after_login = False
+        self.last_active = loop.time()
+        self.finished_at: float | None = None
         # Notices (info and error messages) that came in conversation calls
         # without prompts: they wait for the next screen, as a terminal
         # would have printed them before the next question.
@@ -96,7 +108,12 @@ class LoginFlow:
     # -- what the HTTP handlers call ------------------------------------------
 
     def touch(self) -> None:
-        self.last_seen = asyncio.get_running_loop().time()
+        """Count the login as active now: for an answer, or a logged-in session's request.
+
+        Never for a mere page view before the login: polling must not keep an
+        unanswered login (a thread and a PAM handle) alive.
+        """
+        self.last_active = asyncio.get_running_loop().time()
 
     @property
     def prompt_count(self) -> int:
@@ -112,6 +129,7 @@ class LoginFlow:
         given = iter(answers)
         full = [next(given) if message.is_prompt else "" for message in self._batch]
         self.stage = Stage.WORKING
+        self.touch()
         future.set_result(full)
         return True
 
@@ -152,6 +170,10 @@ class LoginFlow:
             done, _pending = await asyncio.wait({self.task}, timeout=timeout)
             if not done:
                 log.error("the login of %r is stuck inside a PAM module", self.user)
+        if self.task.done() and not self.app.ended:
+            # Cancelled before its first step, the task never entered its
+            # ``try``, so its ``finally`` did not end the handle: end it here.
+            await self._end()
         if not self.stage.finished:
             self._show(stage, [])
 
@@ -179,6 +201,10 @@ class LoginFlow:
     # -- the PAM transaction -------------------------------------------------
 
     def _show(self, stage: Stage, messages: list[Message]) -> None:
+        if stage is Stage.WELCOME:
+            self.logged_in = True
+        if stage.finished and self.finished_at is None:
+            self.finished_at = asyncio.get_running_loop().time()
         self.stage = stage
         self.shown = messages
         self.step += 1

@@ -10,11 +10,11 @@ them, and keeps the first failure for the phase to raise.
 
 from __future__ import annotations
 
-import contextlib
+import importlib
 import signal
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from types import FrameType
 from typing import Any, Protocol
@@ -93,9 +93,12 @@ class Application(Protocol):
         """libpam asked for a failure delay."""
 
 
+# The C functions behind signal.getsignal and signal.signal: those wrappers turn
+# every number into an enum, which costs more than the rest of a phase.
+_signal: Any = importlib.import_module("_signal")
 # Signals whose Python handlers are held while a phase runs on the main thread.
 _HELD_SIGNALS = tuple(
-    getattr(signal, name)
+    int(getattr(signal, name))
     for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM", "SIGUSR1", "SIGUSR2")
     if hasattr(signal, name)
 )
@@ -109,24 +112,23 @@ class HeldSignals:
     undefined return code. So while a phase runs on the main thread (the only
     thread that runs Python signal handlers), signals are recorded; they act
     at once inside the conversation, where a failure becomes PAM_CONV_ERR,
-    and the rest act when the phase returns.
+    and the rest act when the phase is over.
     """
+
+    __slots__ = ("conversing", "_pending", "_saved", "_hold")
 
     def __init__(self) -> None:
         self.conversing = False
         self._pending: list[tuple[int, FrameType | None]] = []
         self._saved: dict[int, Any] = {}
+        self._hold = self._record  # one bound method, to install and to recognise
+        for signum in _HELD_SIGNALS:
+            handler = _signal.getsignal(signum)
+            if callable(handler):
+                self._saved[signum] = handler
+                _signal.signal(signum, self._hold)
 
-    def __enter__(self) -> HeldSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in _HELD_SIGNALS:
-                handler = signal.getsignal(signum)
-                if callable(handler):
-                    self._saved[signum] = handler
-                    signal.signal(signum, self._hold)
-        return self
-
-    def _hold(self, signum: int, frame: FrameType | None) -> None:
+    def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.conversing:
             self._saved[signum](signum, frame)
         else:
@@ -138,15 +140,19 @@ class HeldSignals:
             signum, frame = self._pending.pop(0)
             self._saved[signum](signum, frame)
 
-    def __exit__(self, *exc_info: object) -> None:
+    def release(self) -> None:
+        """Put the handlers back, then run those of the signals held (they may raise)."""
         for signum, handler in self._saved.items():
-            if signal.getsignal(signum) == self._hold:
-                signal.signal(signum, handler)
+            if _signal.getsignal(signum) is self._hold:
+                _signal.signal(signum, handler)
         self.deliver()
 
 
 def _nobody() -> None:
     """An application reference that is gone: the conversation gets PAM_CONV_ERR."""
+
+
+_MAIN_THREAD = threading.main_thread().ident
 
 
 class Transaction:
@@ -167,7 +173,12 @@ class Transaction:
         encoding: str,
         application: Application,
         guard: AbstractContextManager[Any],
+        broker: str | None = None,
     ) -> None:
+        if broker is not None and confdir is not None:
+            raise ValueError(
+                "confdir= cannot be used with broker=: the broker reads its own PAM configuration"
+            )
         if encoding != "utf-8":
             "".encode(encoding)  # an unknown encoding fails here, not mid-phase
         self.encoding = encoding
@@ -183,12 +194,17 @@ class Transaction:
         raw_service = self.encode(service, "service name")
         raw_user = None if user is None else self.encode(user, "user name")
         raw_confdir = None if confdir is None else self.encode(str(confdir), "confdir")
+        if broker is not None:  # the transport: the broker's worker, or libpam here
+            from .broker import client
+
+            self._transport: Transport | None = client.start(broker, raw_service, raw_user, self)
+            return
         code, handle = conversation.start_in_process(raw_service, raw_user, raw_confdir, self)
         if handle is None:
             raise pam_error(
                 code, f"pam_start failed: {_libpam.strerror(_libpam.NULL_HANDLE, code)}"
             )
-        self._transport: Transport | None = handle
+        self._transport = handle
 
     # -- strings ---------------------------------------------------------------
 
@@ -224,34 +240,37 @@ class Transaction:
         if code != _SUCCESS:
             raise pam_error(code, self._require().strerror(code))
 
-    @contextlib.contextmanager
-    def _calling(self, action: str) -> Iterator[Transport]:
-        """Around one libpam call that may converse: refuse re-entry, hold signals.
-
-        The body's bookkeeping runs before a held signal acts.
-        """
+    def _enter_call(self, action: str) -> Transport:
+        """Before a libpam call that may converse (under the guard): refuse re-entry,
+        hold signals on the main thread."""
         transport = self._require()
+        me = threading.get_ident()
         if self._inside_phase:
-            if self._phase_thread != threading.get_ident():
+            if self._phase_thread != me:
                 raise HandleBusyError(
                     f"cannot {action}: a PAM phase is already running on this handle, "
                     "on another thread"
                 )
             raise RuntimeError(f"cannot {action} from inside the conversation of a running phase")
         self._inside_phase = True
-        self._phase_thread = threading.get_ident()
+        self._phase_thread = me
         self._failure = None
-        try:
-            with HeldSignals() as self._held:
-                yield transport
-        finally:
-            self._held = None
-            self._inside_phase = False
-            self._failure = None
+        if me == _MAIN_THREAD:
+            self._held = HeldSignals()
+        return transport
 
-    def _raise_for(self, transport: Transport, code: int) -> None:
+    def _leave_call(self) -> BaseException | None:
+        """After the call and its bookkeeping: the conversation's failure; held signals act."""
+        failure, held = self._failure, self._held
+        self._failure = self._held = None
+        self._inside_phase = False
+        if held is not None:
+            held.release()
+        return failure
+
+    @staticmethod
+    def _raise_for(transport: Transport, code: int, failure: BaseException | None) -> None:
         """Raise the conversation's failure, or the PamError of ``code``."""
-        failure = self._failure
         if failure is not None:
             if not isinstance(failure, Exception):
                 raise failure  # KeyboardInterrupt, SystemExit: as they are
@@ -267,29 +286,37 @@ class Transaction:
     def run(self, phase: Phase, flags: int) -> None:
         """Run one phase; raise the conversation's failure or the PamError of its code."""
         action = flags & _CRED_ACTIONS if phase is Phase.SETCRED else 0
-        with self.guard, self._calling("run a PAM phase") as transport:
-            # Forgotten before the call: end() does not retry a failed close.
-            if phase is Phase.CLOSE_SESSION:
-                self._session_open = False
-            elif action == _DELETE_CRED:
-                self._credentials_established = False
-            code = transport.call(phase, flags)
-            self._last_status = code
-            # What libpam opened is remembered for end() even when the
-            # conversation failed during the phase.
-            if code == _SUCCESS:
-                if phase is Phase.OPEN_SESSION:
-                    self._session_open = True
-                elif action and action != _DELETE_CRED:
-                    self._credentials_established = True
-            self._raise_for(transport, code)
+        with self.guard:
+            transport = self._enter_call("run a PAM phase")
+            try:
+                # Forgotten before the call: end() does not retry a failed close.
+                if phase is Phase.CLOSE_SESSION:
+                    self._session_open = False
+                elif action == _DELETE_CRED:
+                    self._credentials_established = False
+                code = transport.call(phase, flags)
+                self._last_status = code
+                # What libpam opened is remembered for end() even when the
+                # conversation failed during the phase.
+                if code == _SUCCESS:
+                    if phase is Phase.OPEN_SESSION:
+                        self._session_open = True
+                    elif action and action != _DELETE_CRED:
+                        self._credentials_established = True
+            finally:
+                failure = self._leave_call()
+            self._raise_for(transport, code, failure)
 
     def get_user(self, prompt: str | None) -> str | None:
         """pam_get_user. Not a phase: the status end() passes to pam_end stays."""
         raw_prompt = None if prompt is None else self.encode(prompt, "prompt")
-        with self.guard, self._calling("run a PAM phase") as transport:
-            code, user = transport.get_user(raw_prompt)
-            self._raise_for(transport, code)
+        with self.guard:
+            transport = self._enter_call("run a PAM phase")
+            try:
+                code, user = transport.get_user(raw_prompt)
+            finally:
+                failure = self._leave_call()
+            self._raise_for(transport, code, failure)
         return None if user is None else self.decode(user)
 
     # -- the conversant ------------------------------------------------------------

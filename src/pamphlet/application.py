@@ -9,6 +9,7 @@ drive the handle through one private :class:`~pamphlet._transaction.Transaction`
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -50,9 +51,12 @@ class _StringItem:
 class ApplicationBase:
     """What every flavour of PAM application shares: the handle, items, environment.
 
-    ``Flavour(service, user=None, *, confdir=None, encoding="utf-8")``
+    ``Flavour(service, user=None, *, confdir=None, encoding="utf-8", broker=None)``
     starts a handle for ``service`` (looked up in ``/etc/pam.d``, or in
-    ``confdir`` when given). The phases are the flavour's own.
+    ``confdir`` when given). With ``broker=PATH`` the handle lives in a worker
+    of the ``pamphlet broker`` listening on PATH (see the guide's "Unprivileged
+    servers: the broker"); the confdir is then the broker's. The phases are
+    the flavour's own.
     """
 
     #: The confdir used when none is given. None means libpam's own
@@ -76,6 +80,7 @@ class ApplicationBase:
         encoding: str = "utf-8",
         service_name: str | None = None,
         user_name: str | None = None,
+        broker: str | os.PathLike[str] | None = None,
     ) -> None:
         # service_name and user_name are the API document's names.
         if service is None:
@@ -84,7 +89,7 @@ class ApplicationBase:
             user = user_name
         if service is None:
             raise TypeError(f"{type(self).__name__} needs a service name")
-        if confdir is None:
+        if confdir is None and broker is None:  # a broker reads its own confdir
             confdir = self.default_confdir or PamApplication.default_confdir
         self._fail_delay: FailDelay | None = None
         self._transaction = Transaction(
@@ -94,6 +99,7 @@ class ApplicationBase:
             encoding=encoding,
             application=self,
             guard=type(self)._new_guard(),
+            broker=None if broker is None else os.fspath(broker),
         )
 
     @property

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, NoReturn
 
 from .application import PamApplication
+from .broker.errors import BrokerError
 from .constants import Flag, Item
 from .errors import PamError
 from .message import Message
@@ -346,6 +347,7 @@ class Invocation:
     items: list[tuple[Item, str]] = field(default_factory=list)
     environment: list[tuple[str, str]] = field(default_factory=list)
     confdir: str | None = None
+    broker: str | None = None
     verbose: bool = False
     json: bool = False
     show_environment: bool = False
@@ -379,10 +381,14 @@ class _Runner:
                 invocation.user,
                 confdir=invocation.confdir,
                 terminal=self.terminal,
+                **({} if invocation.broker is None else {"broker": invocation.broker}),
             )
         except PamError as error:
             self.say(f"{type(error).__name__}: {error}")
             self.report(_record("pam_start", [], error, [], {}))
+            return EXIT_FAILURE
+        except BrokerError as refused:  # the broker's policy, not the PAM stack
+            self.say(f"{type(refused).__name__}: {refused}")
             return EXIT_FAILURE
         with app:
             try:
@@ -390,7 +396,7 @@ class _Runner:
                     app.set_item(item, value)
                 for name, value in invocation.environment:
                     app.environ[name] = value
-            except PamError as error:
+            except (PamError, BrokerError) as error:
                 self.say(f"setting items and environment failed: {type(error).__name__}: {error}")
                 return EXIT_FAILURE
             for operation in invocation.operations:
@@ -409,6 +415,9 @@ class _Runner:
             phase(app, operation.flags)
         except PamError as failure:
             error = failure
+        except BrokerError as refused:  # the broker's policy, not the PAM stack
+            self.say(f"{operation.name} failed: {type(refused).__name__}: {refused}")
+            return False
         environ = app.environ.copy()
         self.report(_record(operation.name, operation.flag_names, error, app.shown, environ))
         if error is not None:
@@ -523,6 +532,11 @@ def _parser() -> _Parser:
         help="read the service file from DIR instead of /etc/pam.d",
     )
     parser.add_argument(
+        "--broker",
+        metavar="PATH",
+        help="run the operations through the pamphlet broker listening on PATH",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per operation on stdout: status, messages, PAM environment",
@@ -549,6 +563,8 @@ def _invocation(arguments: argparse.Namespace) -> Invocation:
             raise UsageError("a service, a user and at least one operation are needed")
         operations = [parse_operation(text) for text in arguments.operations]
         service, user = arguments.service, arguments.user
+    if arguments.broker is not None and (arguments.confdir is not None or arguments.demo):
+        raise UsageError("--broker uses the broker's own PAM configuration: no --confdir or --demo")
     if arguments.confdir is not None and not os.path.isdir(arguments.confdir):
         raise UsageError(f"--confdir {arguments.confdir!r} is not a directory")
     return Invocation(
@@ -558,6 +574,7 @@ def _invocation(arguments: argparse.Namespace) -> Invocation:
         items=[parse_item(text) for text in arguments.item],
         environment=[parse_environment(text) for text in arguments.env],
         confdir=arguments.confdir,
+        broker=arguments.broker,
         verbose=arguments.verbose or arguments.demo,
         json=arguments.json,
         show_environment=arguments.demo,
@@ -575,6 +592,11 @@ def main(
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["broker"]:  # ``pamphlet broker ...``: the broker's own command line
+        from .broker.server import main as broker_main
+
+        return broker_main(argv[1:])
     parser = _parser()
     arguments = parser.parse_args(argv)
     try:

@@ -61,7 +61,7 @@ class ReturnCode(enum.IntEnum):
     INCOMPLETE = 31
 
 
-class Phase(enum.Enum):
+class Phase(enum.StrEnum):
     """The six libpam calls that run a PAM stack; the value is the name after ``pam_``."""
 
     AUTHENTICATE = "authenticate"

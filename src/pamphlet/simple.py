@@ -64,6 +64,7 @@ def _start(
     choose: Callable[[Message], str | bytes],
     *,
     confdir: str | None,
+    broker: str | None,
     encoding: str,
     on_message: MessageHandler | None,
     rhost: str | None,
@@ -76,6 +77,7 @@ def _start(
         choose=choose,
         on_message=on_message,
         confdir=confdir,
+        broker=broker,
         encoding=encoding,
     )
     try:
@@ -102,6 +104,7 @@ def authenticate(
     service: str = "login",
     *,
     confdir: str | None = None,
+    broker: str | None = None,
     check_account: bool = True,
     encoding: str = "utf-8",
     rhost: str | None = None,
@@ -126,7 +129,8 @@ def authenticate(
     messages go to ``on_message`` if given. ``rhost``, ``tty`` and ``ruser``
     set those PAM items (``rhost`` lets modules such as pam_access and
     pam_faillock know where the user comes from). ``confdir`` reads the
-    service from a directory of your own instead of /etc/pam.d.
+    service from a directory of your own instead of /etc/pam.d; ``broker``
+    runs the call through the ``pamphlet broker`` listening on that path.
     """
     _check_secret(password, "password")
     asked: list[str] = []
@@ -151,6 +155,7 @@ def authenticate(
         username,
         choose,
         confdir=confdir,
+        broker=broker,
         encoding=encoding,
         on_message=on_message,
         rhost=rhost,
@@ -194,6 +199,7 @@ def change_password(
     service: str = "passwd",
     *,
     confdir: str | None = None,
+    broker: str | None = None,
     encoding: str = "utf-8",
     rhost: str | None = None,
     tty: str | None = None,
@@ -214,7 +220,8 @@ def change_password(
     fails the call closed (ConversationError caused by an
     :class:`UnansweredPromptError` naming the prompt). The stack's info and
     error messages (such as a password-quality complaint) go to
-    ``on_message``.
+    ``on_message``. Through a ``broker``, the user is authenticated with
+    ``old`` first (the broker's policy requires it before ``chauthtok``).
     """
     _check_secret(old, "old password")
     _check_secret(new, "new password")
@@ -227,6 +234,7 @@ def change_password(
         username,
         choose,
         confdir=confdir,
+        broker=broker,
         encoding=encoding,
         on_message=on_message,
         rhost=rhost,
@@ -234,4 +242,18 @@ def change_password(
         ruser=ruser,
     )
     with app:
+        if broker is not None:
+            # The broker's worker runs as root, where pam_unix asks no old
+            # password; its policy wants the user authenticated first.
+            app._choose = lambda prompt: _old_password_for_prompt(prompt, old)
+            app.authenticate()
+            app._choose = choose
         app.change_authtoken()
+
+
+def _old_password_for_prompt(prompt: Message, old: str | bytes) -> str | bytes:
+    if not prompt.wants_password:
+        raise UnansweredPromptError(
+            prompt, "pamphlet.change_password", "it answers only password (echo-off) prompts"
+        )
+    return old

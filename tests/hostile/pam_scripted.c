@@ -23,6 +23,8 @@
  *                      answer, a NULL array or a NULL resp)
  *   return CODE        what the module returns when every check held
  *                      (default PAM_SUCCESS)
+ *   crash              abort() the process at once (SIGABRT): a module
+ *                      that takes its application down
  *
  * A check that fails makes the module return PAM_AUTH_ERR at once. So does a
  * conversation that fails yet leaves *resp set (it must stay NULL). The
@@ -311,6 +313,8 @@ static int run_script(pam_handle_t *pamh, int flags, int argc, const char **argv
             failed = send_call(&run, conv, rest) != 0;
         } else if (strcmp(line, "expect") == 0) {
             failed = check_answer(&run, rest) != 0;
+        } else if (strcmp(line, "crash") == 0) {
+            abort();
         } else if (strcmp(line, "return") == 0) {
             result = (int)strtol(rest, NULL, 10);
         } else if (line[0] != '\0' && line[0] != '#') {

@@ -1,0 +1,879 @@
+"""The root side of the broker: the listener, the policy gate, the workers.
+
+One single-threaded process listens on a Unix socket. For each connection it
+asks the kernel who the peer is (SO_PEERCRED), reads the start frame without
+blocking, checks the policy, the rule's ``max_in_flight`` and the throttle,
+and forks a worker (:mod:`pamphlet.broker.worker`) that runs this one PAM
+transaction in a process of its own. The broker writes one audit line per
+connection, counts failed authentications, and on SIGTERM (or SIGINT) stops
+accepting, ends every transaction cleanly and reaps every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import errno
+import gc
+import grp
+import json
+import os
+import re
+import select
+import selectors
+import signal
+import socket
+import stat
+import sys
+import syslog
+import time
+import traceback
+from collections.abc import Sequence
+from typing import IO, Any
+
+from . import protocol, worker
+from .policy import Peer, Policy, PolicyError, Rule, Throttle, load
+from .protocol import MAX_REPLY_FRAME, MAX_REQUEST_FRAME, FrameBuffer, ProtocolViolation
+
+__all__ = ["Broker", "Audit", "FailureCounter", "main"]
+
+#: How long a stopping broker waits for its workers before SIGKILL.
+STOP_GRACE = 10.0
+#: Workers forked ahead, waiting for a connection: the fork is then paid
+#: between logins, not during one.
+SPARES = 2
+
+
+class Audit:
+    """One line per transaction: syslog (LOG_AUTHPRIV) when /dev/log exists, else stderr."""
+
+    def __init__(self, where: str = "auto", stream: IO[str] | None = None) -> None:
+        if where == "auto":
+            where = "syslog" if os.path.exists("/dev/log") else "stderr"
+        self.where = where
+        self.stream = stream or sys.stderr
+        if where == "syslog":
+            syslog.openlog("pamphlet-broker", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+
+    def log(self, **fields: Any) -> None:
+        line = " ".join(f"{key}={_value(value)}" for key, value in fields.items())
+        if self.where == "syslog":
+            syslog.syslog(syslog.LOG_INFO, line)
+        else:
+            self.stream.write(f"pamphlet-broker[{os.getpid()}]: {line}\n")
+            self.stream.flush()
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9._@:/,+#-]+")
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value) or "-"
+    text = str(value)
+    # Client-chosen text (user, rhost) can never forge a field or a line.
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)
+
+
+class FailureCounter:
+    """Failed authentications per (peer uid, target user) and per peer uid."""
+
+    def __init__(self, settings: Throttle) -> None:
+        self.settings = settings
+        self.by_user: dict[tuple[int, str], collections.deque[float]] = {}
+        self.by_peer: dict[int, collections.deque[float]] = {}
+        self._pruned = 0.0
+
+    def _recent(self, table: dict[Any, collections.deque[float]], key: Any, now: float) -> int:
+        times = table.get(key)
+        if not times:
+            return 0
+        horizon = now - self.settings.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del table[key]
+        return len(times)
+
+    def check(self, uid: int, user: str | None, now: float) -> tuple[str | None, float]:
+        """(refusal text or None, seconds to wait before trying)."""
+        s = self.settings
+        peer_failures = self._recent(self.by_peer, uid, now)
+        user_failures = 0 if user is None else self._recent(self.by_user, (uid, user), now)
+        if user is not None and user_failures >= s.user_refuse_after:
+            return (
+                f"{user_failures} failed logins for {user!r} from this peer in the last "
+                f"{s.window:g} s: refused until they age out",
+                0.0,
+            )
+        if peer_failures >= s.peer_refuse_after:
+            return (
+                f"{peer_failures} failed logins from this peer in the last {s.window:g} s: "
+                "refused until they age out",
+                0.0,
+            )
+        delay = 0.0
+        if user is not None and user_failures >= s.user_slow_after:
+            delay = s.delay * (user_failures - s.user_slow_after + 1)
+        if peer_failures >= s.peer_slow_after:
+            delay = max(delay, s.delay * (peer_failures - s.peer_slow_after + 1))
+        return None, min(delay, s.max_delay)
+
+    def record(self, uid: int, user: str | None, code: int, now: float) -> None:
+        s = self.settings
+        if code == 0:
+            if user is not None:
+                self.by_user.pop((uid, user), None)
+            return
+        self.by_peer.setdefault(uid, collections.deque(maxlen=s.peer_refuse_after + 1)).append(now)
+        if user is not None:
+            self.by_user.setdefault(
+                (uid, user), collections.deque(maxlen=s.user_refuse_after + 1)
+            ).append(now)
+        if now - self._pruned > 60:
+            self._pruned = now
+            for table in (self.by_user, self.by_peer):
+                for key in list(table):
+                    self._recent(table, key, now)
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending:
+    conn: socket.socket
+    peer: Peer
+    deadline: float
+    buffer: FrameBuffer
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    pid: int
+    control: socket.socket
+    peer: Peer
+    rule: Rule
+    service: str
+    user: str | None
+    buffer: FrameBuffer
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eof: bool = False
+
+
+class Broker:
+    """The broker process. ``serve()`` runs until SIGTERM or SIGINT."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        listener: socket.socket,
+        *,
+        confdir: str | None = None,
+        audit: Audit | None = None,
+        socket_path: str | None = None,
+        spares: int = SPARES,
+    ) -> None:
+        self.policy = policy
+        self.listener = listener
+        self.confdir = None if confdir is None else os.fsencode(confdir)
+        self.audit = audit or Audit()
+        self.socket_path = socket_path
+        self.failures = FailureCounter(policy.throttle)
+        self.pending: dict[socket.socket, _Pending] = {}
+        self.workers: dict[int, _Worker] = {}
+        self.in_flight: collections.Counter[int] = collections.Counter()
+        self.pending_by_uid: collections.Counter[int] = collections.Counter()
+        self.stopping = False
+        self.served = 0
+        self.spares: list[tuple[int, socket.socket]] = []
+        self.spare_count = spares
+        self._peer_cache: dict[tuple[int, int], tuple[float, Peer]] = {}
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- the loop -------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, "listener")
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        previous = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        handlers = {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+        }
+        gc.collect()
+        gc.freeze()  # what the broker holds now is never scanned again in a worker
+        try:
+            self._replenish()
+            while not self.stopping:
+                self._turn()
+            self._stop()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(previous)
+            self.selector.close()
+            for fd in (self._wake_r, self._wake_w):
+                protocol.close_quietly(fd)
+            if self.socket_path is not None:
+                try:
+                    os.unlink(self.socket_path)
+                except OSError:
+                    pass
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+
+    def _turn(self) -> None:
+        now = time.monotonic()
+        timeout = None
+        if self.pending:
+            timeout = max(0.0, min(p.deadline for p in self.pending.values()) - now)
+        for key, _ in self.selector.select(timeout):
+            what = key.data
+            if what == "listener":
+                self._accept()
+            elif what == "wake":
+                _drain(self._wake_r)
+            elif isinstance(what, _Pending):
+                self._read_pending(what)
+            elif isinstance(what, _Worker):
+                self._read_control(what)
+        self._reap()
+        now = time.monotonic()
+        for pending in [p for p in self.pending.values() if p.deadline <= now]:
+            self._drop_pending(pending, "timeout", "no start frame within the start timeout")
+
+    # -- connections before their start frame --------------------------------------
+
+    def _peer(self, conn: socket.socket) -> Peer:
+        pid, uid, gid = protocol.peer_credentials(conn)
+        now = time.monotonic()
+        cached = self._peer_cache.get((uid, gid))
+        if cached is None or now - cached[0] > 5:
+            peer = Peer.from_credentials(pid, uid, gid)
+            if len(self._peer_cache) > 1024:
+                self._peer_cache.clear()
+            self._peer_cache[(uid, gid)] = (now, peer)
+        else:
+            peer = cached[1]
+        return dataclasses.replace(peer, pid=pid)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.audit.log(event="accept-failed", error=exc.strerror)
+                    return
+                raise
+            conn.setblocking(False)
+            try:
+                peer = self._peer(conn)
+            except OSError:
+                conn.close()
+                continue
+            if not self.policy.rules_for(peer):
+                self._refuse(
+                    conn,
+                    peer,
+                    None,
+                    None,
+                    "peer",
+                    f"no rule of the broker's policy allows user {peer.user!r} or its groups",
+                )
+                continue
+            if self.pending_by_uid[peer.uid] >= self.policy.limits.max_pending_per_peer:
+                self._refuse(
+                    conn,
+                    peer,
+                    None,
+                    None,
+                    "busy",
+                    "too many connections from this peer waiting to start",
+                )
+                continue
+            pending = _Pending(
+                conn,
+                peer,
+                time.monotonic() + self.policy.limits.start_timeout,
+                FrameBuffer(MAX_REQUEST_FRAME),
+            )
+            self.pending[conn] = pending
+            self.pending_by_uid[peer.uid] += 1
+            self.selector.register(conn, selectors.EVENT_READ, pending)
+
+    def _forget_pending(self, pending: _Pending) -> None:
+        del self.pending[pending.conn]
+        self.pending_by_uid[pending.peer.uid] -= 1
+        if not self.pending_by_uid[pending.peer.uid]:
+            del self.pending_by_uid[pending.peer.uid]
+        self.selector.unregister(pending.conn)
+
+    def _drop_pending(self, pending: _Pending, outcome: str, text: str) -> None:
+        self._forget_pending(pending)
+        _send_quietly(pending.conn, {"op": "error", "message": text})
+        pending.conn.close()
+        peer = pending.peer
+        self.audit.log(peer_uid=peer.uid, peer_pid=peer.pid, outcome=outcome, reason=text)
+
+    def _read_pending(self, pending: _Pending) -> None:
+        try:
+            data = pending.conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_pending(pending, "disconnect", "closed before its start frame")
+            return
+        try:
+            frames = pending.buffer.feed(data)
+        except ProtocolViolation as exc:
+            self._drop_pending(pending, "protocol-error", str(exc))
+            return
+        if not frames:
+            return
+        if len(frames) > 1 or pending.buffer.pending:
+            self._drop_pending(pending, "protocol-error", "data after the start frame")
+            return
+        try:
+            self._start(pending, frames[0])
+        except ProtocolViolation as exc:
+            if pending.conn in self.pending:
+                self._drop_pending(pending, "protocol-error", str(exc))
+
+    def _refuse(
+        self,
+        conn: socket.socket,
+        peer: Peer,
+        service: str | None,
+        user: str | None,
+        kind: str,
+        text: str,
+    ) -> None:
+        _send_quietly(conn, {"op": "refused", "kind": kind, "message": text})
+        conn.close()
+        self.audit.log(
+            peer_uid=peer.uid,
+            peer_pid=peer.pid,
+            service=service,
+            user=user,
+            outcome=f"refused:{kind}",
+            reason=text,
+        )
+
+    def _start(self, pending: _Pending, frame: dict[str, Any]) -> None:
+        peer = pending.peer
+        if frame.get("op") != "start":
+            raise ProtocolViolation("the first frame must be a start frame")
+        if frame.get("v") != protocol.VERSION:
+            raise ProtocolViolation(
+                f"protocol version {frame.get('v')!r} is not supported "
+                f"(this broker speaks {protocol.VERSION})"
+            )
+        if "confdir" in frame:
+            self._forget_pending(pending)
+            self._refuse(
+                pending.conn,
+                peer,
+                None,
+                None,
+                "confdir",
+                "a client cannot choose the confdir; the broker's own is used",
+            )
+            return
+        if set(frame) != {"op", "v", "service", "user"}:
+            raise ProtocolViolation("the start frame has fields other than service and user")
+        raw_service = protocol.unb64(frame["service"], "the service", 256)
+        raw_user = protocol.unb64(frame["user"], "the user")
+        if raw_service is None:
+            raise ProtocolViolation("the service is null")
+        service = raw_service.decode("utf-8", "surrogateescape")
+        user = None if raw_user is None else raw_user.decode("utf-8", "surrogateescape")
+        self._forget_pending(pending)
+        conn = pending.conn
+        rule = None if "/" in service else self.policy.rule_for(peer, service)
+        if rule is None:
+            self._refuse(
+                conn,
+                peer,
+                service,
+                user,
+                "service",
+                f"the broker's policy does not let this peer use service {service!r}",
+            )
+            return
+        if self.in_flight[rule.index] >= rule.max_in_flight:
+            self._refuse(
+                conn,
+                peer,
+                service,
+                user,
+                "busy",
+                f"{rule.max_in_flight} transactions of {rule.describe()} are running "
+                "(its max_in_flight)",
+            )
+            return
+        refusal, _ = self.failures.check(peer.uid, user, time.monotonic())
+        if refusal is not None:
+            self._refuse(conn, peer, service, user, "throttled", refusal)
+            return
+        self._fork(conn, peer, rule, service, user, raw_service, raw_user)
+
+    # -- workers ---------------------------------------------------------------------
+
+    def _fork(
+        self,
+        conn: socket.socket,
+        peer: Peer,
+        rule: Rule,
+        service: str,
+        user: str | None,
+        raw_service: bytes,
+        raw_user: bytes | None,
+    ) -> None:
+        """Hand ``conn`` to a spare worker (forked now if none is waiting)."""
+        if not self.spares:
+            self._spawn_spare()
+        if not self.spares:
+            self._refuse(conn, peer, service, user, "busy", "cannot start a worker")
+            return
+        pid, control = self.spares.pop(0)
+        assignment = protocol.encode_frame(
+            {
+                "op": "assign",
+                "rule": rule.index,
+                "service": protocol.b64(raw_service),
+                "user": protocol.b64(raw_user),
+            }
+        )
+        try:
+            socket.send_fds(control, [assignment], [conn.fileno()])
+        except OSError as exc:
+            _kill(pid, signal.SIGKILL)
+            control.close()
+            self._refuse(conn, peer, service, user, "busy", f"cannot start a worker: {exc}")
+            return
+        conn.close()
+        control.setblocking(False)
+        record = _Worker(pid, control, peer, rule, service, user, FrameBuffer(MAX_REPLY_FRAME))
+        self.workers[pid] = record
+        self.in_flight[rule.index] += 1
+        self.served += 1
+        self.selector.register(control, selectors.EVENT_READ, record)
+        self._replenish()
+
+    def _replenish(self) -> None:
+        while len(self.spares) < self.spare_count and not self.stopping:
+            if not self._spawn_spare():
+                return
+
+    def _spawn_spare(self) -> bool:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # SIGTERM stays blocked across the fork until the new worker has its
+        # own handler: a stop that comes in between is delivered, not lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            ours.close()
+            theirs.close()
+            self.audit.log(event="fork-failed", error=exc.strerror)
+            return False
+        if pid == 0:  # a spare worker
+            status = 0
+            try:
+                ours.close()
+                wake = self._become_worker()
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                self._serve_as_spare(theirs, wake)
+            except BaseException:
+                status = 70
+                try:
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                except BaseException:
+                    pass
+            finally:
+                os._exit(status)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        theirs.close()
+        self.spares.append((pid, ours))
+        return True
+
+    def _serve_as_spare(self, control: socket.socket, wake: int) -> None:
+        """Wait for a connection from the broker, then serve its transaction."""
+        ready, _, _ = select.select([control.fileno(), wake], [], [])
+        if wake in ready:
+            return
+        data, fds, _, _ = socket.recv_fds(control, 65536, 1)
+        if len(fds) != 1:
+            return  # the broker is gone
+        conn = socket.socket(fileno=fds[0])
+        frames = FrameBuffer(MAX_REPLY_FRAME).feed(data)
+        (assignment,) = frames
+        raw_service = protocol.unb64(assignment["service"], "service", 256)
+        raw_user = protocol.unb64(assignment["user"], "user")
+        assert raw_service is not None
+        rule = self.policy.rules[assignment["rule"]]
+        worker.run(
+            conn, control, rule, self.policy.limits, raw_service, raw_user, self.confdir, wake
+        )
+
+    def _become_worker(self) -> int:
+        """In a fresh fork: drop what belongs to the broker, take SIGTERM as 'end'."""
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        self.listener.close()
+        for other in self.pending:
+            other.close()
+        for record in self.workers.values():
+            record.control.close()
+        for _, control in self.spares:
+            control.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _ignore_signal)
+        return wake_r
+
+    def _read_control(self, record: _Worker) -> None:
+        while True:
+            try:
+                data = record.control.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                record.eof = True
+                self.selector.unregister(record.control)
+                return
+            try:
+                frames = record.buffer.feed(data)
+            except ProtocolViolation:
+                os.kill(record.pid, signal.SIGKILL)
+                record.eof = True
+                self.selector.unregister(record.control)
+                return
+            for frame in frames:
+                self._from_worker(record, frame)
+
+    def _from_worker(self, record: _Worker, frame: dict[str, Any]) -> None:
+        op = frame.get("op")
+        now = time.monotonic()
+        user = frame.get("user")
+        user = user if isinstance(user, str) else None
+        if op == "may_authenticate":
+            refusal, delay = self.failures.check(record.peer.uid, user, now)
+            reply = {"refuse": refusal} if refusal else {"delay": delay}
+            _send_quietly(record.control, reply)
+        elif op == "result":
+            code = frame.get("code")
+            self.failures.record(record.peer.uid, user, code if isinstance(code, int) else -1, now)
+        elif op == "summary":
+            record.summary = frame
+
+    def _reap(self) -> None:
+        while self.workers or self.spares:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            record = self.workers.pop(pid, None)
+            if record is not None:
+                self._finish(record, status)
+            else:
+                self._forget_spare(pid)
+
+    def _forget_spare(self, pid: int) -> None:
+        for spare in self.spares:
+            if spare[0] == pid:
+                self.spares.remove(spare)
+                spare[1].close()
+                return
+
+    def _finish(self, record: _Worker, status: int) -> None:
+        if not record.eof:
+            self._read_control(record)
+            if not record.eof:
+                self.selector.unregister(record.control)
+        record.control.close()
+        self.in_flight[record.rule.index] -= 1
+        if os.WIFSIGNALED(status):
+            ended = f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+        else:
+            ended = f"exit {os.WEXITSTATUS(status)}"
+        summary = record.summary
+        phases = summary.get("phases") or []
+        refusals = summary.get("refusals") or []
+        if not summary:
+            outcome = "worker-died"
+        elif summary.get("outcome"):
+            outcome = str(summary["outcome"])
+        elif refusals:
+            outcome = "refused:" + ",".join(str(r) for r in refusals)
+        elif phases and all(str(p).endswith(":0") for p in phases):
+            outcome = "success"
+        elif phases:
+            outcome = "failure"
+        else:
+            outcome = "nothing-run"
+        peer = record.peer
+        self.audit.log(
+            peer_uid=peer.uid,
+            peer_pid=peer.pid,
+            service=record.service,
+            user=summary.get("user", record.user),
+            rhost=summary.get("rhost"),
+            phases=[str(p) for p in phases],
+            outcome=outcome,
+            end=summary.get("end", "worker died"),
+            worker=f"{record.pid}:{ended}",
+        )
+
+    def _stop(self) -> None:
+        """End every transaction: refuse the waiting, SIGTERM the workers, reap."""
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        if self.socket_path is not None:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+            self.socket_path = None
+        for pending in list(self.pending.values()):
+            self._drop_pending(pending, "shutdown", "the broker is shutting down")
+        for pid, _ in self.spares:
+            _kill(pid, signal.SIGTERM)
+        for pid in self.workers:
+            _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while (self.workers or self.spares) and time.monotonic() < deadline:
+            for key, _ in self.selector.select(0.05):
+                if isinstance(key.data, _Worker):
+                    self._read_control(key.data)
+                elif key.data == "wake":
+                    _drain(self._wake_r)
+            self._reap()
+        for pid in [*self.workers, *(spare[0] for spare in self.spares)]:
+            _kill(pid, signal.SIGKILL)
+        while self.workers or self.spares:
+            pid, status = os.waitpid(-1, 0)
+            record = self.workers.pop(pid, None)
+            if record is not None:
+                self._finish(record, status)
+            else:
+                self._forget_spare(pid)
+        self.audit.log(event="stopped", served=self.served)
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A worker's SIGTERM: the wake-up descriptor carries it to the worker's waits."""
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _send_quietly(conn: socket.socket, message: dict[str, Any]) -> None:
+    try:
+        conn.send(protocol.encode_frame(message))
+    except OSError:
+        pass
+
+
+# -- the listening socket -----------------------------------------------------------
+
+
+def systemd_listener() -> socket.socket | None:
+    """The socket systemd passed (socket activation), if it passed exactly one."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if os.environ.get("LISTEN_FDS") != "1":
+        raise SystemExit("pamphlet broker: systemd must pass exactly one socket (LISTEN_FDS=1)")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    listener = socket.socket(fileno=3)
+    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+        raise SystemExit("pamphlet broker: the socket systemd passed is not a Unix stream socket")
+    os.set_inheritable(3, False)
+    return listener
+
+
+def bind(path: str, mode: int, group: str | None) -> socket.socket:
+    """Listen on ``path`` with ``mode`` and ``group``; a stale socket is replaced,
+    a live broker's is not."""
+    gid = -1
+    if group is not None:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise SystemExit(f"pamphlet broker: no group named {group!r}") from None
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise SystemExit(f"pamphlet broker: {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise SystemExit(f"pamphlet broker: another broker listens on {path}")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound under a temporary name and renamed into place once it listens
+    # with its final owner and mode: a client never finds a socket that
+    # refuses it or lets the wrong peers in.
+    building = f"{path}.{os.getpid()}.new"
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(building)
+    finally:
+        os.umask(old_umask)
+    try:
+        os.chown(building, -1, gid)
+        os.chmod(building, mode)
+        listener.listen(socket.SOMAXCONN)
+        os.rename(building, path)
+    except BaseException:
+        os.unlink(building)
+        listener.close()
+        raise
+    return listener
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pamphlet broker",
+        description=(
+            "Run PAM transactions for unprivileged clients, one worker process per "
+            "login, as the policy allows. Runs in the foreground, as root."
+        ),
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the Unix socket to listen on (not needed under systemd socket activation)",
+    )
+    parser.add_argument("--policy", metavar="FILE", required=True, help="the TOML policy file")
+    parser.add_argument(
+        "--socket-mode",
+        metavar="MODE",
+        default="0666",
+        help="the socket's permissions, octal (default 0666: the policy is the gate)",
+    )
+    parser.add_argument("--socket-group", metavar="GROUP", help="the socket's group")
+    parser.add_argument(
+        "--confdir",
+        metavar="DIR",
+        help="read service files from DIR instead of /etc/pam.d (for every client)",
+    )
+    parser.add_argument(
+        "--audit",
+        choices=("auto", "syslog", "stderr"),
+        default="auto",
+        help="where the audit lines go (default: syslog when /dev/log exists, else stderr)",
+    )
+    parser.add_argument(
+        "--spares",
+        metavar="N",
+        type=int,
+        default=SPARES,
+        help=f"workers forked ahead of logins (default {SPARES})",
+    )
+    parser.add_argument("--check", action="store_true", help="read and check the policy, then exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pamphlet broker ...``; returns the exit status."""
+    arguments = _parser().parse_args(argv)
+    try:
+        policy = load(arguments.policy)
+    except PolicyError as exc:
+        print(f"pamphlet broker: {exc}", file=sys.stderr)
+        return 2
+    if arguments.check:
+        print(f"pamphlet broker: {arguments.policy}: {len(policy.rules)} rules, OK")
+        return 0
+    try:
+        mode = int(arguments.socket_mode, 8)
+    except ValueError:
+        print(
+            f"pamphlet broker: --socket-mode {arguments.socket_mode!r} is not octal",
+            file=sys.stderr,
+        )
+        return 2
+    if arguments.confdir is not None and not os.path.isdir(arguments.confdir):
+        print(
+            f"pamphlet broker: --confdir {arguments.confdir!r} is not a directory", file=sys.stderr
+        )
+        return 2
+    listener = systemd_listener()
+    path = None
+    if listener is None:
+        if arguments.socket is None:
+            print(
+                "pamphlet broker: --socket PATH is needed (or systemd socket activation)",
+                file=sys.stderr,
+            )
+            return 2
+        if os.geteuid() != 0:
+            print(
+                "pamphlet broker: warning: not running as root; PAM stacks will only "
+                "verify this user's own password",
+                file=sys.stderr,
+            )
+        path = os.path.abspath(arguments.socket)
+        listener = bind(path, mode, arguments.socket_group)
+    broker = Broker(
+        policy,
+        listener,
+        confdir=arguments.confdir,
+        audit=Audit(arguments.audit),
+        socket_path=path,
+        spares=max(0, arguments.spares),
+    )
+    print(
+        f"pamphlet broker: listening on {path or 'the socket systemd passed'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    broker.serve()
+    return 0

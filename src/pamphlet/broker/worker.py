@@ -1,0 +1,517 @@
+"""The per-login worker: one PAM transaction in a process of its own.
+
+The broker forks one worker per accepted connection, after the start frame
+passed the policy. The worker starts libpam in its own process (as root),
+then serves the client's requests one at a time: each maps to one call of the
+in-process transport. While a phase runs, every conversation call is relayed
+to the client, which has ``conversation_timeout`` seconds to answer; a silent,
+disconnected or misbehaving client makes the conversation fail
+(PAM_CONV_ERR), and the transaction is then ended as ``end()`` ends it:
+an open session is closed, established credentials are deleted, pam_end runs.
+
+A worker never trusts the client: phases, items and environment variables
+are checked against the peer's rule, authenticate asks the broker's throttle
+first, and libpam's failure delay is always served here, whatever the client
+asked.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from typing import Any
+
+from .. import conversation
+from ..constants import Flag, Item, Phase, ReturnCode
+from ..message import Message
+from . import protocol
+from .policy import SETTABLE_ITEMS, Limits, Rule
+from .protocol import MAX_REPLY_FRAME, MAX_REQUEST_FRAME, ProtocolViolation, b64, unb64
+
+__all__ = ["run"]
+
+_SUCCESS = int(ReturnCode.SUCCESS)
+_CONV_ERR = int(ReturnCode.CONV_ERR)
+_DELETE_CRED = int(Flag.DELETE_CRED)
+_CRED_ACTIONS = int(
+    Flag.ESTABLISH_CRED | Flag.DELETE_CRED | Flag.REINITIALIZE_CRED | Flag.REFRESH_CRED
+)
+_ALL_FLAGS = 0xFFFF
+# Items a client may read: every string item but the tokens (libpam refuses
+# those to applications anyway; the broker does not even ask).
+_READABLE_ITEMS = frozenset(
+    int(item)
+    for item in (
+        Item.SERVICE,
+        Item.USER,
+        Item.TTY,
+        Item.RHOST,
+        Item.RUSER,
+        Item.USER_PROMPT,
+        Item.XDISPLAY,
+        Item.AUTHTOK_TYPE,
+    )
+)
+
+
+class _Refused(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        self.message = message
+        super().__init__(message)
+
+
+class _Shutdown(Exception):
+    """The broker is stopping (SIGTERM reached this worker)."""
+
+
+class _Relay:
+    """The worker's Conversant: relays libpam's conversation to the client."""
+
+    encoding = "utf-8"
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self.failure: BaseException | None = None
+        self.delays: list[tuple[int, int]] = []
+        self.user_checked = False
+
+    def converse(self, messages: list[Message]) -> list[bytes | None]:
+        worker = self.worker
+        if worker.broken is not None:
+            raise ConnectionError("the client is gone")
+        if self.failure is not None:
+            raise RuntimeError("the conversation already failed in this phase")
+        if worker.phase == "authenticate" and not self.user_checked:
+            # The stack may have asked for the user name: throttle that user
+            # before the password prompt reaches the client.
+            code, user = worker.transport.get_item(int(Item.USER))
+            if code == _SUCCESS and user is not None:
+                self.user_checked = True
+                worker.ask_throttle(user)
+        raw = [(int(m.style), str.encode(m, "utf-8", "surrogateescape")) for m in messages]
+        try:
+            worker.send({"op": "converse", "messages": [[s, b64(t)] for s, t in raw]})
+            reply = worker.receive(worker.limits.conversation_timeout)
+        except protocol.Interrupted:
+            worker.shutdown = True
+            raise _Shutdown from None
+        except (OSError, ProtocolViolation) as exc:
+            worker.broken = exc
+            raise
+        op = reply.get("op")
+        if op == "conv_error":
+            raise ConnectionAbortedError("the client's conversation failed")
+        if op != "answers" or set(reply) != {"op", "answers"}:
+            worker.broken = ProtocolViolation(f"expected the conversation's answers, got {op!r}")
+            raise worker.broken
+        answers = reply["answers"]
+        if not isinstance(answers, list) or len(answers) != len(messages):
+            worker.broken = ProtocolViolation(
+                f"{len(messages)} messages were sent, the answers do not match"
+            )
+            raise worker.broken
+        checked: list[bytes | None] = []
+        for message, answer in zip(messages, answers, strict=True):
+            if message.is_prompt:
+                data = unb64(answer, "an answer", protocol.PAM_MAX_RESP_SIZE)
+                if data is None:
+                    worker.broken = ProtocolViolation("a prompt was answered with null")
+                    raise worker.broken
+                checked.append(data)
+            else:
+                if answer is not None:
+                    worker.broken = ProtocolViolation("an info or error message got an answer")
+                    raise worker.broken
+                checked.append(None)
+        return checked
+
+    def fail(self, error: BaseException) -> None:
+        if self.failure is None:
+            self.failure = error
+
+    def fail_delay(self, status: int, delay_usec: int) -> None:
+        self.delays.append((status, delay_usec))
+
+
+class _Worker:
+    def __init__(
+        self,
+        conn: socket.socket,
+        control: socket.socket,
+        rule: Rule,
+        limits: Limits,
+        wake: int,
+    ) -> None:
+        self.conn = conn
+        self.control = control
+        self.rule = rule
+        self.limits = limits
+        self.wake = wake
+        self.transport: Any = None
+        self.relay = _Relay(self)
+        self.broken: BaseException | None = None
+        self.shutdown = False
+        self.phase: str | None = None
+        self.authenticated: bytes | None = None
+        self.session_open = False
+        self.credentials = False
+        self.last_status = _SUCCESS
+        self.client_fail_delay = False
+        self.phases: list[str] = []
+        self.refusals: list[str] = []
+        self.end_reason = "client"
+        self.items: dict[str, str | None] = {}
+
+    # -- the two connections ------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        frame = protocol.encode_frame(message)
+        if len(frame) > MAX_REPLY_FRAME + 4:
+            raise ProtocolViolation("a reply would be over the frame limit")
+        self.conn.sendall(frame)
+
+    def receive(self, wait: float | None) -> dict[str, Any]:
+        return protocol.recv_frame(
+            self.conn,
+            max_size=MAX_REQUEST_FRAME,
+            wait=wait,
+            frame_timeout=self.limits.frame_timeout,
+            wake=self.wake,
+        )
+
+    def tell_broker(self, message: dict[str, Any]) -> None:
+        protocol.send_frame(self.control, message)
+
+    def ask_broker(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.tell_broker(message)
+        return protocol.recv_frame(
+            self.control, max_size=MAX_REPLY_FRAME, wait=None, frame_timeout=None
+        )
+
+    def ask_throttle(self, user: bytes | None) -> None:
+        """Ask the broker whether this peer may try ``user`` now; wait if told."""
+        answer = self.ask_broker({"op": "may_authenticate", "user": _text(user)})
+        refused = answer.get("refuse")
+        if refused:
+            raise _Refused("throttled", str(refused))
+        delay = answer.get("delay")
+        if isinstance(delay, (int, float)) and delay > 0:
+            ready, _, _ = select.select([self.wake], [], [], float(delay))
+            if ready:
+                self.shutdown = True
+                raise _Shutdown
+
+    # -- requests -----------------------------------------------------------------
+
+    def serve(self) -> None:
+        while True:
+            wait = None if self.session_open else self.limits.idle_timeout
+            try:
+                request = self.receive(wait)
+            except protocol.Interrupted:
+                self.shutdown = True
+                return
+            op = request.get("op")
+            handler = _HANDLERS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise ProtocolViolation(f"unknown request {op!r}")
+            try:
+                reply = handler(self, request)
+            except _Refused as refusal:
+                self.refusals.append(refusal.kind)
+                reply = {"op": "refused", "kind": refusal.kind, "message": refusal.message}
+            if self.broken is not None:
+                raise self.broken
+            if self.shutdown:
+                return
+            self.send(reply)
+            if op == "end":
+                return
+
+    def do_call(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, {"phase", "flags"})
+        try:
+            phase = Phase(request["phase"])
+        except ValueError:
+            raise ProtocolViolation(f"unknown phase {request['phase']!r}") from None
+        flags = _int(request["flags"], "flags", 0, _ALL_FLAGS)
+        name = phase.value
+        if not self.rule.allows_phase(name):
+            raise _Refused("phase", f"the broker's policy does not allow {name} for this peer")
+        if (
+            self.rule.require_authentication
+            and phase is not Phase.AUTHENTICATE
+            and self.authenticated is None
+        ):
+            raise _Refused(
+                "phase",
+                f"{name} needs a successful authenticate first in the same transaction",
+            )
+        if phase is Phase.AUTHENTICATE:
+            code, user = self.transport.get_item(int(Item.USER))
+            self.relay.user_checked = user is not None
+            self.ask_throttle(user)
+        action = flags & _CRED_ACTIONS if phase is Phase.SETCRED else 0
+        if phase is Phase.CLOSE_SESSION:
+            self.session_open = False
+        elif action == _DELETE_CRED:
+            self.credentials = False
+        code = self._call(phase, flags)
+        self.phases.append(f"{name}:{code}")
+        if code == _SUCCESS:
+            if phase is Phase.OPEN_SESSION:
+                self.session_open = True
+            elif action and action != _DELETE_CRED:
+                self.credentials = True
+        if phase is Phase.AUTHENTICATE:
+            _, user = self.transport.get_item(int(Item.USER))
+            if code == _SUCCESS:
+                self.authenticated = user
+            self.tell_broker({"op": "result", "user": _text(user), "code": code})
+        reply: dict[str, Any] = {"op": "result", "code": code}
+        delays = [list(d) for d in self.relay.delays]
+        if delays and self.client_fail_delay:
+            reply["fail_delay"] = delays
+        return reply
+
+    def _call(self, phase: Phase, flags: int) -> int:
+        self.phase = phase.value
+        relay = self.relay
+        relay.failure = None
+        relay.delays = []
+        try:
+            code: int = self.transport.call(phase, flags)
+        finally:
+            self.phase = None
+        self.last_status = code
+        if relay.failure is not None and code == _SUCCESS:
+            code = _CONV_ERR  # never report success past a failed conversation
+        if isinstance(relay.failure, _Refused):
+            raise relay.failure
+        # libpam's failure delay is served here, whatever the client asked.
+        delay = max((usec for status, usec in relay.delays if status != _SUCCESS), default=0)
+        if delay and not self.shutdown and self.broken is None:
+            ready, _, _ = select.select([self.wake], [], [], delay / 1e6)
+            if ready:
+                self.shutdown = True
+        return code
+
+    def do_get_user(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, {"prompt"})
+        prompt = unb64(request["prompt"], "the prompt")
+        self.phase = "get_user"
+        self.relay.failure = None
+        try:
+            code, user = self.transport.get_user(prompt)
+        finally:
+            self.phase = None
+        if self.relay.failure is not None and code == _SUCCESS:
+            code, user = _CONV_ERR, None
+        return {"op": "result", "code": code, "value": b64(user)}
+
+    def do_get_item(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, {"item"})
+        item = _int(request["item"], "item", 0, 1 << 16)
+        if item not in _READABLE_ITEMS:
+            raise _Refused("item", f"item {_item_name(item)} cannot be read through the broker")
+        code, value = self.transport.get_item(item)
+        return {"op": "result", "code": code, "value": b64(value)}
+
+    def do_set_item(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, {"item", "value"})
+        item = _int(request["item"], "item", 0, 1 << 16)
+        if item not in SETTABLE_ITEMS:
+            raise _Refused(
+                "item",
+                f"item {_item_name(item)} cannot be set through the broker "
+                "(only user, tty, rhost and ruser)",
+            )
+        value = unb64(request["value"], "the item's value")
+        if (
+            item == int(Item.USER)
+            and self.authenticated is not None
+            and value != self.authenticated
+        ):
+            raise _Refused("item", "the user cannot change after a successful authenticate")
+        return {"op": "result", "code": self.transport.set_item(item, value)}
+
+    def do_get_xauthdata(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, set())
+        code, value = self.transport.get_xauthdata()
+        shown = None if value is None else [b64(value[0]), b64(value[1])]
+        return {"op": "result", "code": code, "value": shown}
+
+    def do_set_xauthdata(self, request: dict[str, Any]) -> dict[str, Any]:
+        raise _Refused("item", "item XAUTHDATA cannot be set through the broker")
+
+    def do_set_fail_delay(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, {"enabled"})
+        enabled = request["enabled"]
+        if not isinstance(enabled, bool):
+            raise ProtocolViolation("enabled must be true or false")
+        self.client_fail_delay = enabled
+        return {"op": "result", "code": _SUCCESS}
+
+    def do_getenv(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, {"name"})
+        name = unb64(request["name"], "the variable's name")
+        if name is None:
+            raise ProtocolViolation("the variable's name is null")
+        return {"op": "result", "value": b64(self.transport.getenv(name))}
+
+    def do_putenv(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, {"entry"})
+        entry = unb64(request["entry"], "the environment entry")
+        if entry is None:
+            raise ProtocolViolation("the environment entry is null")
+        name = entry.partition(b"=")[0].decode("utf-8", "surrogateescape")
+        if name not in self.rule.setenv:
+            raise _Refused(
+                "environ",
+                f"the broker's policy does not let this peer set {name!r} in the PAM environment",
+            )
+        return {"op": "result", "code": self.transport.putenv(entry)}
+
+    def do_getenvlist(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, set())
+        entries = self.transport.getenvlist()
+        return {"op": "result", "value": None if entries is None else [b64(e) for e in entries]}
+
+    def do_end(self, request: dict[str, Any]) -> dict[str, Any]:
+        _fields(request, {"status"})
+        status = _int(request["status"], "status", 0, 255)
+        self.note_items()
+        transport, self.transport = self.transport, None
+        self.session_open = self.credentials = False
+        return {"op": "result", "code": transport.end(status)}
+
+    def note_items(self) -> None:
+        """Remember the items the audit line names, while the handle lives."""
+        if self.transport is not None:
+            for item, name in ((Item.USER, "user"), (Item.RHOST, "rhost")):
+                code, value = self.transport.get_item(int(item))
+                if code == _SUCCESS:
+                    self.items[name] = _text(value)
+
+    # -- the end ------------------------------------------------------------------
+
+    def implied_end(self) -> None:
+        """What end() does, for a client that did not: close, delete, pam_end."""
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        if self.broken is None:
+            self.broken = ConnectionError("the transaction is ending")  # no more relaying
+        try:
+            if self.session_open:
+                self.session_open = False
+                self.phases.append(f"close_session:{transport.call(Phase.CLOSE_SESSION, 0)}")
+            if self.credentials:
+                self.credentials = False
+                code = transport.call(Phase.SETCRED, _DELETE_CRED)
+                self.phases.append(f"setcred:{code}")
+        finally:
+            transport.end(self.last_status)
+
+
+_HANDLERS = {
+    "call": _Worker.do_call,
+    "get_user": _Worker.do_get_user,
+    "get_item": _Worker.do_get_item,
+    "set_item": _Worker.do_set_item,
+    "get_xauthdata": _Worker.do_get_xauthdata,
+    "set_xauthdata": _Worker.do_set_xauthdata,
+    "set_fail_delay": _Worker.do_set_fail_delay,
+    "getenv": _Worker.do_getenv,
+    "putenv": _Worker.do_putenv,
+    "getenvlist": _Worker.do_getenvlist,
+    "end": _Worker.do_end,
+}
+
+
+def _fields(request: dict[str, Any], expected: set[str]) -> None:
+    if set(request) != expected | {"op"}:
+        raise ProtocolViolation(f"request {request.get('op')!r} must have the fields {expected}")
+
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolViolation(f"{what} must be an integer from {low} to {high}")
+    return value
+
+
+def _item_name(item: int) -> str:
+    try:
+        return Item(item).name
+    except ValueError:
+        return str(item)
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", "surrogateescape")
+
+
+def run(
+    conn: socket.socket,
+    control: socket.socket,
+    rule: Rule,
+    limits: Limits,
+    service: bytes,
+    user: bytes | None,
+    confdir: bytes | None,
+    wake: int,
+) -> None:
+    """Serve one transaction on ``conn``; report to the broker on ``control``."""
+    conn.setblocking(True)
+    worker = _Worker(conn, control, rule, limits, wake)
+    started = time.monotonic()
+    summary: dict[str, Any] = {"op": "summary"}
+    try:
+        code, transport = conversation.start_in_process(service, user, confdir, worker.relay)
+        if transport is None:
+            summary["outcome"] = f"start failed:{code}"
+            try:
+                worker.send({"op": "start_failed", "code": code})
+            except OSError:
+                pass
+            return
+        worker.transport = transport
+        # libpam calls the relay instead of sleeping; the worker sleeps.
+        transport.set_fail_delay(True)
+        try:
+            worker.send({"op": "started"})
+            worker.serve()
+        except protocol.PeerGone:
+            worker.end_reason = "disconnect"
+        except ProtocolViolation as exc:
+            worker.end_reason = f"protocol error: {exc}"
+            _say_goodbye(worker, str(exc))
+        except (OSError, _Shutdown) as exc:
+            worker.end_reason = "shutdown" if worker.shutdown else f"connection error: {exc}"
+        finally:
+            if worker.shutdown:
+                worker.end_reason = "shutdown"
+                _say_goodbye(worker, "the broker is shutting down")
+            worker.note_items()
+            worker.implied_end()
+    finally:
+        summary["user"] = _text(user)
+        summary.update(worker.items)
+        summary["phases"] = worker.phases
+        summary["refusals"] = worker.refusals
+        summary["end"] = worker.end_reason
+        summary["seconds"] = round(time.monotonic() - started, 3)
+        try:
+            worker.tell_broker(summary)
+        except OSError:
+            pass
+
+
+def _say_goodbye(worker: _Worker, text: str) -> None:
+    try:
+        worker.conn.setblocking(False)
+        worker.conn.send(protocol.encode_frame({"op": "error", "message": text}))
+    except OSError:
+        pass
