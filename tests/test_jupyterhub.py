@@ -568,24 +568,36 @@ def test_sessions_open_and_close_on_the_sign_in_handle(tmp_path: pathlib.Path) -
         asyncio.run(scenario(service))
 
 
-def test_broker_option_reaches_the_application(tmp_path: pathlib.Path) -> None:
-    """broker= is passed to the PAM application; a broker that is not there fails the
-    sign-in with an error naming it, never a sign-in without it."""
+@pytest.mark.root
+def test_sign_in_through_the_broker() -> None:
+    """broker=: the sign-in's PAM handle lives in the broker (issue 11), the page works as
+    before. The hub's process here is the test's own, as root, which the policy names."""
+    from broker_harness import Broker
     from pamphlet.contrib.jupyterhub import PamphletAuthenticator
-
-    socket_path = str(tmp_path / "no-broker.sock")
-
-    async def scenario(service: TemporaryService) -> None:
-        authenticator = PamphletAuthenticator(
-            service=service.name, confdir=service.confdir, broker=socket_path
-        )
-        with pytest.raises(Exception) as failure:
-            flow = authenticator.start("daemon", "pw", rhost="192.0.2.7")
-            await flow.wait_for_screen(0, 30)
-            assert flow.stage is not Stage.DONE
-        assert socket_path in str(failure.value) or "broker" in str(failure.value)
-
     from pamphlet.contrib.jupyterhub._flow import Stage
 
-    with TemporaryService(users={"daemon": "pw"}) as service:
-        asyncio.run(scenario(service))
+    policy = """\
+        [[allow]]
+        users = ["root"]
+        services = ["hub"]
+        """
+
+    async def scenario(service: TemporaryService, broker: Broker) -> None:
+        authenticator = PamphletAuthenticator(service="hub", broker=broker.socket)
+        flow = authenticator.start("daemon", "pw", rhost="192.0.2.7")
+        await flow.wait_for_screen(0, 30)
+        assert flow.stage is Stage.DONE, flow.shown
+        refused = authenticator.start("daemon", "wrong", rhost="192.0.2.7")
+        await refused.wait_for_screen(0, 30)
+        assert refused.stage is Stage.FAILED
+        assert list(refused.shown) == ["Login incorrect."]
+        await authenticator.settle(flow, None)
+
+    with TemporaryService(users={"daemon": "pw"}, name="hub") as service:
+        broker = Broker(policy, service.confdir)
+        try:
+            asyncio.run(scenario(service, broker))
+            assert broker.audit_lines("hub", "daemon")  # the broker did the PAM work
+        finally:
+            broker.stop()
+            broker.cleanup()

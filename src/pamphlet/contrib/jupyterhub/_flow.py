@@ -84,16 +84,7 @@ def make_application(
     options: dict[str, Any] = {"confdir": confdir, "encoding": encoding}
     if broker:
         options["broker"] = broker
-    try:
-        return _HubLogin(service, user, flow=flow, **options)
-    except TypeError as problem:
-        if broker and "broker" in str(problem):
-            raise TypeError(
-                f"the broker option ({broker!r}) needs a pamphlet with the privilege-separated"
-                " broker (PamApplication(..., broker=PATH)); this one has none. Upgrade"
-                " pamphlet, or leave the broker option unset and run the hub as root."
-            ) from problem
-        raise
+    return _HubLogin(service, user, flow=flow, **options)
 
 
 class LoginFlow:
