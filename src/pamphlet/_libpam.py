@@ -354,7 +354,7 @@ def write_responses(resp: int, answers: list[bytes | None]) -> bool:
     for i, answer in enumerate(answers):
         if answer is None:
             continue
-        if b"\0" in answer:  # strdup would stop there: never a truncated secret
+        if 0 in answer:  # a NUL byte: strdup would stop there: never a truncated secret
             free_responses(array_address, i)
             raise ValueError("an answer holding a NUL byte reached write_responses")
         copy = _strdup(answer)

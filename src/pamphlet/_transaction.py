@@ -99,8 +99,8 @@ _signal: Any = importlib.import_module("_signal")
 # Signals whose Python handlers are held while a phase runs on the main thread.
 _HELD_SIGNALS = tuple(
     int(getattr(signal, name))
-    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM", "SIGUSR1", "SIGUSR2")
-    if hasattr(signal, name)
+    # KeyboardInterrupt, and the SystemExit a server's SIGTERM handler raises
+    for name in ("SIGINT", "SIGTERM")
 )
 
 
@@ -148,7 +148,8 @@ class HeldSignals:
             if _signal.getsignal(signum) == self._record:
                 _signal.signal(signum, handler)
         try:
-            self.deliver()
+            if self._pending:
+                self.deliver()
         finally:
             self._saved.clear()
             self._pending.clear()
@@ -220,7 +221,7 @@ class Transaction:
         if not isinstance(value, str):
             raise TypeError(f"the {what} must be str, not {type(value).__name__}")
         raw = str.encode(value, self.encoding, "surrogateescape")
-        if b"\0" in raw:
+        if 0 in raw:  # the byte value NUL
             raise ValueError(f"the {what} {value!r} contains a NUL byte")
         return raw
 
@@ -316,7 +317,8 @@ class Transaction:
                         self._credentials_established = True
             finally:
                 failure = self._leave_call()
-            self._raise_for(transport, code, failure)
+            if failure is not None or code != _SUCCESS:
+                self._raise_for(transport, code, failure)
 
     def get_user(self, prompt: str | None) -> str | None:
         """pam_get_user. Not a phase: the status end() passes to pam_end stays."""
@@ -327,7 +329,8 @@ class Transaction:
                 code, user = transport.get_user(raw_prompt)
             finally:
                 failure = self._leave_call()
-            self._raise_for(transport, code, failure)
+            if failure is not None or code != _SUCCESS:
+                self._raise_for(transport, code, failure)
         return None if user is None else self.decode(user)
 
     # -- the conversant ------------------------------------------------------------

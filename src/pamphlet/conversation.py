@@ -21,13 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import _libpam
 from .constants import PAM_MAX_NUM_MSG, ReturnCode
-from .message import PAM_BINARY_PROMPT, Message
+from .message import _KINDS, PAM_BINARY_PROMPT, Message
 
 if TYPE_CHECKING:
     from ._transaction import Conversant
 
 __all__ = ["ConversationProtocolError", "encode_answers", "start_in_process"]
 
+# Each style pamphlet answers, to its Message subclass (which takes the text alone).
+_ANSWERED_KINDS = {int(style): kind for style, kind in _KINDS.items() if style != PAM_BINARY_PROMPT}
 _SUCCESS = int(ReturnCode.SUCCESS)
 _CONV_ERR = int(ReturnCode.CONV_ERR)
 _BUF_ERR = int(ReturnCode.BUF_ERR)
@@ -45,17 +47,14 @@ def make_messages(raw: Iterable[tuple[int, bytes]], encoding: str) -> list[Messa
     """
     messages = []
     for style, text in raw:
-        if style == PAM_BINARY_PROMPT:
-            raise ConversationProtocolError(
-                "a module sent a PAM_BINARY_PROMPT, which pamphlet does not answer"
-            )
-        try:
-            message = Message(text.decode(encoding, "surrogateescape"), style)
-        except ValueError:
-            raise ConversationProtocolError(
-                f"a module sent a message of unknown style {style}"
-            ) from None
-        messages.append(message)
+        kind = _ANSWERED_KINDS.get(style)
+        if kind is None:
+            if style == PAM_BINARY_PROMPT:
+                raise ConversationProtocolError(
+                    "a module sent a PAM_BINARY_PROMPT, which pamphlet does not answer"
+                )
+            raise ConversationProtocolError(f"a module sent a message of unknown style {style}")
+        messages.append(kind(text.decode(encoding, "surrogateescape")))
     return messages
 
 
@@ -93,7 +92,7 @@ def _encode_answer(index: int, message: Message, answer: Any, encoding: str) -> 
         )
     if not message.is_prompt:
         return None
-    if b"\0" in data:
+    if 0 in data:  # the byte value NUL
         raise ValueError(
             f"answer {index} to {message!r} contains a NUL byte; PAM would "
             "see only the part before it"
