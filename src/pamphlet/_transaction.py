@@ -31,9 +31,9 @@ _SUCCESS = int(ReturnCode.SUCCESS)
 _BAD_ITEM = int(ReturnCode.BAD_ITEM)
 _BUF_ERR = int(ReturnCode.BUF_ERR)
 _DELETE_CRED = int(Flag.DELETE_CRED)
-_CRED_ACTIONS = int(
-    Flag.ESTABLISH_CRED | Flag.DELETE_CRED | Flag.REINITIALIZE_CRED | Flag.REFRESH_CRED
-)
+_ESTABLISHING = int(Flag.ESTABLISH_CRED | Flag.REINITIALIZE_CRED | Flag.REFRESH_CRED)
+# The phases whose outcome end() must know about.
+_OPEN_SESSION, _CLOSE_SESSION, _SETCRED = Phase.OPEN_SESSION, Phase.CLOSE_SESSION, Phase.SETCRED
 
 
 class Conversant(Protocol):
@@ -194,8 +194,7 @@ class Transaction:
         self._last_status = _SUCCESS
         self._session_open = False
         self._credentials_established = False
-        self._inside_phase = False
-        self._phase_thread: int | None = None
+        self._caller: int | None = None  # the thread inside a libpam call, while one runs
         self._failure: BaseException | None = None
         self._held: HeldSignals | None = None  # while a call on the main thread holds them
         self._signals: HeldSignals | None = None  # made on the first such call
@@ -253,16 +252,15 @@ class Transaction:
         hold signals on the main thread."""
         transport = self._require()
         me = threading.get_ident()
-        if self._inside_phase:
-            if self._phase_thread != me:
+        caller = self._caller
+        if caller is not None:
+            if caller != me:
                 raise HandleBusyError(
                     f"cannot {action}: a PAM phase is already running on this handle, "
                     "on another thread"
                 )
             raise RuntimeError(f"cannot {action} from inside the conversation of a running phase")
-        self._inside_phase = True
-        self._phase_thread = me
-        self._failure = None
+        self._caller = me
         if me == _MAIN_THREAD:
             held = self._signals
             if held is None:
@@ -274,8 +272,7 @@ class Transaction:
     def _leave_call(self) -> BaseException | None:
         """After the call and its bookkeeping: the conversation's failure; held signals act."""
         failure, held = self._failure, self._held
-        self._failure = self._held = None
-        self._inside_phase = False
+        self._failure = self._held = self._caller = None
         if held is not None:
             held.release()
         return failure
@@ -297,23 +294,22 @@ class Transaction:
 
     def run(self, phase: Phase, flags: int) -> None:
         """Run one phase; raise the conversation's failure or the PamError of its code."""
-        action = flags & _CRED_ACTIONS if phase is Phase.SETCRED else 0
         with self.guard:
             transport = self._enter_call("run a PAM phase")
             try:
                 # Forgotten before the call: end() does not retry a failed close.
-                if phase is Phase.CLOSE_SESSION:
+                if phase is _CLOSE_SESSION:
                     self._session_open = False
-                elif action == _DELETE_CRED:
+                elif phase is _SETCRED and flags & _DELETE_CRED:
                     self._credentials_established = False
                 code = transport.call(phase, flags)
                 self._last_status = code
                 # What libpam opened is remembered for end() even when the
                 # conversation failed during the phase.
                 if code == _SUCCESS:
-                    if phase is Phase.OPEN_SESSION:
+                    if phase is _OPEN_SESSION:
                         self._session_open = True
-                    elif action and action != _DELETE_CRED:
+                    elif phase is _SETCRED and flags & _ESTABLISHING:
                         self._credentials_established = True
             finally:
                 failure = self._leave_call()
@@ -466,7 +462,7 @@ class Transaction:
             transport = self._transport
             if transport is None:
                 return
-            if self._inside_phase:
+            if self._caller is not None:
                 raise RuntimeError(
                     "cannot end the handle from inside the conversation of a running phase"
                 )
