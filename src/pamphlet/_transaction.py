@@ -138,7 +138,7 @@ class HeldSignals:
 
     def deliver(self) -> None:
         """Run the handlers of the signals held so far (they may raise)."""
-        while self._pending:
+        while self._pending:  # one that raises leaves the rest for the next release
             signum, frame = self._pending.pop(0)
             self._saved[signum](signum, frame)
 
@@ -147,12 +147,8 @@ class HeldSignals:
         for signum, handler in self._saved.items():
             if _signal.getsignal(signum) == self._record:
                 _signal.signal(signum, handler)
-        try:
-            if self._pending:
-                self.deliver()
-        finally:
-            self._saved.clear()
-            self._pending.clear()
+        if self._pending:
+            self.deliver()
 
 
 def _nobody() -> None:

@@ -60,16 +60,18 @@ def make_messages(raw: Iterable[tuple[int, bytes]], encoding: str) -> list[Messa
 
 def _answer_list(answers: Any, count: int) -> list[Any]:
     """The conversation's return value as a list of ``count`` answers."""
-    if answers is None:
-        raise TypeError(
-            "the conversation returned None; it must return or yield one answer per message"
-        )
-    if isinstance(answers, (str, bytes)) or not isinstance(answers, Iterable):
+    if answers is None or isinstance(answers, (str, bytes)):
         raise TypeError(
             "the conversation must return or yield one answer per message, "
             f"not {type(answers).__name__}"
         )
-    checked = list(answers)
+    try:
+        checked = list(answers)
+    except TypeError:
+        raise TypeError(
+            "the conversation must return or yield one answer per message, "
+            f"not {type(answers).__name__}"
+        ) from None
     if len(checked) != count:
         raise ValueError(f"the conversation gave {len(checked)} answers to {count} messages")
     return checked
