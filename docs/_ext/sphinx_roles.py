@@ -15,8 +15,17 @@ import griffe
 _ROLE = re.compile(r":(?:class|func|meth|attr|mod|exc|data|obj):`(~?)([\w.]+)`")
 
 
+# An item property, ``rhost = _StringItem(Item.RHOST, "The host ...")``: its
+# text is the docstring help() shows at run time, and the reference's too.
+_STRING_ITEM = re.compile(r'^_StringItem\(\s*Item\.\w+,\s*(["\'])(.*)\1\s*\)$', re.S)
+
+
 class SphinxRoles(griffe.Extension):
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        if obj.docstring is None and obj.is_attribute:
+            item = _STRING_ITEM.match(str(getattr(obj, "value", "") or ""))
+            if item is not None:
+                obj.docstring = griffe.Docstring(item.group(2).replace("\\'", "'"), parent=obj)
         if obj.docstring is None:
             return
         module = obj.module.path if not obj.is_module else obj.path
