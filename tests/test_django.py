@@ -55,7 +55,7 @@ USERS = {
 STACK = """\
 auth     requisite pam_unix.so
 auth     [success=1 default=ignore] pam_succeed_if.so quiet user notingroup {otp_group}
-auth     required  pam_oath.so usersfile={usersfile} window=3 digits=6
+auth     required  pam_oath.so usersfile={oath}/${{USER}} window=3 digits=6
 account  required  pam_unix.so
 password required  pam_unix.so yescrypt
 """
@@ -225,7 +225,6 @@ class Site:
         for group in (OTP_GROUP, STAFF_GROUP):
             subprocess.run(["groupadd", group], check=True)
             self._made_groups.append(group)
-        oath_lines = []
         for key, (groups, has_secret) in USERS.items():
             name = f"pdj{key}{SUFFIX}"
             password = "Pw-" + secrets.token_hex(8)
@@ -239,14 +238,19 @@ class Site:
                 subprocess.run(["chage", "-d", "0", name], check=True)
             secret = secrets.token_hex(20) if has_secret else None
             if secret is not None:
-                oath_lines.append(f"HOTP/T30/6 {name} - {secret}\n")
+                # One users file per user: pam_oath rewrites the file at each
+                # login under a lock it does not wait for, and two logins at
+                # once on a shared file failed one of them (PAM_AUTH_ERR).
+                path = self.folder / "oath" / name
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                path.write_text(f"HOTP/T30/6 {name} - {secret}\n")
+                path.chmod(0o600)
             self.users[key] = (name, password, secret)
         confdir = self.folder / "pam.d"
         confdir.mkdir()
-        usersfile = self.folder / "users.oath"
-        usersfile.write_text("".join(oath_lines))
-        usersfile.chmod(0o600)
-        (confdir / "django").write_text(STACK.format(otp_group=OTP_GROUP, usersfile=usersfile))
+        (confdir / "django").write_text(
+            STACK.format(otp_group=OTP_GROUP, oath=self.folder / "oath")
+        )
         self.broker = Broker(POLICY, str(confdir))
 
         project = self.folder / "project"
@@ -614,8 +618,10 @@ def test_a_second_login_races_the_first_on_another_worker(
         browser.wait_for_new_page(old)
     first.screenshot(shots, "first-welcome")
     second.screenshot(shots, "second-welcome")
-    assert first.title == f"Welcome, {name1}"
-    assert second.title == f"Welcome, {name2}"
+    assert site.broker is not None
+    seen = f"{first.text}\n---\n{second.text}\n---\n{site.broker.audit_text()}"
+    assert first.title == f"Welcome, {name1}", seen
+    assert second.title == f"Welcome, {name2}", seen
     # Each browser's session is its own user's.
     first.get(site.url + "/")
     second.get(site.url + "/")
