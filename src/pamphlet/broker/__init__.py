@@ -25,8 +25,13 @@ from .errors import (
     ItemNotAllowed,
     PeerNotAllowed,
     PhaseNotAllowed,
+    ResumeRefused,
     ServiceNotAllowed,
     Throttled,
+    TokenExpired,
+    TokenInvalid,
+    TokenPeerMismatch,
+    TokenUsed,
     WorkerDied,
 )
 
@@ -44,4 +49,9 @@ __all__ = [
     "ConfdirNotAllowed",
     "Throttled",
     "Busy",
+    "ResumeRefused",
+    "TokenInvalid",
+    "TokenExpired",
+    "TokenUsed",
+    "TokenPeerMismatch",
 ]

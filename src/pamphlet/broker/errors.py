@@ -22,6 +22,11 @@ __all__ = [
     "ConfdirNotAllowed",
     "Throttled",
     "Busy",
+    "ResumeRefused",
+    "TokenInvalid",
+    "TokenExpired",
+    "TokenUsed",
+    "TokenPeerMismatch",
     "refusal",
 ]
 
@@ -102,7 +107,47 @@ class Busy(BrokerRefused):
     kind = "busy"
 
 
-_BY_KIND: dict[str, type[BrokerRefused]] = {cls.kind: cls for cls in BrokerRefused.__subclasses__()}
+class ResumeRefused(BrokerRefused):
+    """A resume token was refused (one of the four classes below); the
+    transaction it named, if any, is not reachable with it."""
+
+    kind = "resume"
+
+
+class TokenInvalid(ResumeRefused):
+    """No detached transaction has this token (never issued, or a wrong secret)."""
+
+    kind = "token-invalid"
+
+
+class TokenExpired(ResumeRefused):
+    """The token's transaction waited longer than the broker's ``detach_timeout``
+    (or its worker ended): the transaction has ended."""
+
+    kind = "token-expired"
+
+
+class TokenUsed(ResumeRefused):
+    """The token was presented before: a token is good for one resume."""
+
+    kind = "token-used"
+
+
+class TokenPeerMismatch(ResumeRefused):
+    """The token belongs to a transaction of another peer uid. The token is
+    burnt and that transaction ended."""
+
+    kind = "token-peer"
+
+
+def _subclasses(cls: type[BrokerRefused]) -> list[type[BrokerRefused]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
+_BY_KIND: dict[str, type[BrokerRefused]] = {cls.kind: cls for cls in _subclasses(BrokerRefused)}
 
 
 def refusal(kind: object, message: object) -> BrokerRefused:

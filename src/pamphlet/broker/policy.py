@@ -24,6 +24,7 @@ A TOML file, read with the standard library's tomllib::
     conversation_timeout = 120    # seconds for the client to answer a conversation
     idle_timeout = 300            # seconds between requests (no open session)
     max_pending_per_peer = 32     # connections of one uid not yet started
+    detach_timeout = 300          # seconds a detached transaction waits to be resumed (0: off)
 
 The peer's identity is the kernel's (SO_PEERCRED), never the client's word.
 """
@@ -103,6 +104,8 @@ class Limits:
     conversation_timeout: float = 120.0
     idle_timeout: float = 300.0
     max_pending_per_peer: int = 32
+    #: Seconds a detached transaction waits for its resume (0: no detaching).
+    detach_timeout: float = 300.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,11 @@ import dataclasses
 import errno
 import gc
 import grp
+import hmac
 import json
 import os
 import re
+import secrets
 import select
 import selectors
 import signal
@@ -159,6 +161,21 @@ class _Worker:
     buffer: FrameBuffer
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     eof: bool = False
+    detached: str | None = None  # the id of its live resume token, while detached
+
+
+@dataclasses.dataclass(eq=False)
+class _Detached:
+    """A detached transaction: its worker waits for a resume with this token."""
+
+    record: _Worker
+    secret: bytes
+    deadline: float
+
+
+#: Token ids remembered after their token was used or expired, so that a
+#: replay is told apart from a token that never was (bounded; oldest go first).
+RETIRED_TOKENS = 4096
 
 
 class Broker:
@@ -189,6 +206,8 @@ class Broker:
         self.spares: list[tuple[int, socket.socket]] = []
         self.spare_count = spares
         self._peer_cache: dict[tuple[int, int], tuple[float, Peer]] = {}
+        self.detached: dict[str, _Detached] = {}
+        self.retired: collections.OrderedDict[str, tuple[bytes, str]] = collections.OrderedDict()
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -229,9 +248,9 @@ class Broker:
 
     def _turn(self) -> None:
         now = time.monotonic()
-        timeout = None
-        if self.pending:
-            timeout = max(0.0, min(p.deadline for p in self.pending.values()) - now)
+        deadlines = [p.deadline for p in self.pending.values()]
+        deadlines += [d.deadline for d in self.detached.values()]
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
         for key, _ in self.selector.select(timeout):
             what = key.data
             if what == "listener":
@@ -246,6 +265,8 @@ class Broker:
         now = time.monotonic()
         for pending in [p for p in self.pending.values() if p.deadline <= now]:
             self._drop_pending(pending, "timeout", "no start frame within the start timeout")
+        for token_id in [t for t, d in self.detached.items() if d.deadline <= now]:
+            self._expire(token_id)
 
     # -- connections before their start frame --------------------------------------
 
@@ -371,6 +392,9 @@ class Broker:
 
     def _start(self, pending: _Pending, frame: dict[str, Any]) -> None:
         peer = pending.peer
+        if frame.get("op") == "resume":
+            self._resume(pending, frame)
+            return
         if frame.get("op") != "start":
             raise ProtocolViolation("the first frame must be a start frame")
         if frame.get("v") != protocol.VERSION:
@@ -584,6 +608,8 @@ class Broker:
             self.failures.record(record.peer.uid, user, code if isinstance(code, int) else -1, now)
         elif op == "summary":
             record.summary = frame
+        elif op == "detach":
+            _send_quietly(record.control, self._detach(record))
 
     def _reap(self) -> None:
         while self.workers or self.spares:
@@ -613,6 +639,8 @@ class Broker:
                 self.selector.unregister(record.control)
         record.control.close()
         self.in_flight[record.rule.index] -= 1
+        if record.detached is not None:  # died while detached: its token dies with it
+            self._retire(record.detached, "expired")
         if os.WIFSIGNALED(status):
             ended = f"signal {signal.Signals(os.WTERMSIG(status)).name}"
         else:
@@ -644,6 +672,158 @@ class Broker:
             end=summary.get("end", "worker died"),
             worker=f"{record.pid}:{ended}",
         )
+
+    # -- detach and resume (docs/guide/protocol.md, "Detach and resume") -------------
+
+    def _detach(self, record: _Worker) -> dict[str, Any]:
+        """A worker's client detaches: issue the token its resume must present.
+
+        The token is ``ID.SECRET``: the id (64 random bits) finds the entry,
+        the secret (256 random bits) is compared in constant time. It is
+        good for one resume, by a process of the same uid, before the
+        detach timeout.
+        """
+        timeout = self.policy.limits.detach_timeout
+        if timeout <= 0 or record.detached is not None or self.stopping:
+            return {"refuse": "detaching is not allowed now"}
+        token_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        self.detached[token_id] = _Detached(
+            record, secret.encode("ascii"), time.monotonic() + timeout
+        )
+        record.detached = token_id
+        self._audit_resume(record, record.peer, "detached", token_id)
+        return {"token": f"{token_id}.{secret}"}
+
+    def _retire(self, token_id: str, reason: str) -> None:
+        entry = self.detached.pop(token_id, None)
+        if entry is None:
+            return
+        entry.record.detached = None
+        self.retired[token_id] = (entry.secret, reason)
+        while len(self.retired) > RETIRED_TOKENS:
+            self.retired.popitem(last=False)
+
+    def _expire(self, token_id: str) -> None:
+        """No resume in time: the worker ends the transaction."""
+        entry = self.detached.get(token_id)
+        if entry is None:
+            return
+        self._retire(token_id, "expired")
+        _send_quietly(entry.record.control, {"op": "expire"})
+        self._audit_resume(entry.record, entry.record.peer, "detach-expired", token_id)
+
+    def _audit_resume(
+        self, record: _Worker, peer: Peer, outcome: str, token_id: str | None, reason: str = ""
+    ) -> None:
+        fields: dict[str, Any] = {
+            "peer_uid": peer.uid,
+            "peer_pid": peer.pid,
+            "service": record.service if record is not None else None,
+            "user": record.user if record is not None else None,
+            "outcome": outcome,
+            "token": token_id,
+        }
+        if record is not None:
+            fields["worker"] = record.pid
+        if reason:
+            fields["reason"] = reason
+        self.audit.log(**fields)
+
+    def _refuse_resume(
+        self,
+        conn: socket.socket,
+        peer: Peer,
+        record: _Worker | None,
+        kind: str,
+        token_id: str | None,
+        text: str,
+    ) -> None:
+        _send_quietly(conn, {"op": "refused", "kind": kind, "message": text})
+        conn.close()
+        fields: dict[str, Any] = {
+            "peer_uid": peer.uid,
+            "peer_pid": peer.pid,
+            "service": None if record is None else record.service,
+            "user": None if record is None else record.user,
+            "outcome": f"refused:{kind}",
+            "token": token_id,
+            "reason": text,
+        }
+        if record is not None:
+            fields["worker"] = record.pid
+        self.audit.log(**fields)
+
+    def _resume(self, pending: _Pending, frame: dict[str, Any]) -> None:
+        """A new connection presents a token: hand it to the detached worker."""
+        if frame.get("v") != protocol.VERSION:
+            raise ProtocolViolation(
+                f"protocol version {frame.get('v')!r} is not supported "
+                f"(this broker speaks {protocol.VERSION})"
+            )
+        if set(frame) != {"op", "v", "token"}:
+            raise ProtocolViolation("the resume frame has fields other than the token")
+        token = frame["token"]
+        if not isinstance(token, str) or len(token) > 128 or not token.isascii():
+            raise ProtocolViolation("the token is not a string of at most 128 ASCII characters")
+        self._forget_pending(pending)
+        conn, peer = pending.conn, pending.peer
+        token_id, _, secret_text = token.partition(".")
+        secret = secret_text.encode("ascii")
+        entry = self.detached.get(token_id)
+        if entry is None or not hmac.compare_digest(entry.secret, secret):
+            retired = self.retired.get(token_id)
+            if retired is not None and hmac.compare_digest(retired[0], secret):
+                if retired[1] == "used":
+                    kind, text = "token-used", "this token was used already: a token is good once"
+                else:
+                    kind, text = "token-expired", "this token expired: its transaction has ended"
+                self._refuse_resume(conn, peer, None, kind, token_id, text)
+                return
+            # Unknown id or wrong secret: the same answer, so ids cannot be probed.
+            self._refuse_resume(
+                conn, peer, None, "token-invalid", None, "no detached transaction has this token"
+            )
+            return
+        record = entry.record
+        if entry.deadline <= time.monotonic():
+            self._expire(token_id)
+            self._refuse_resume(
+                conn,
+                peer,
+                record,
+                "token-expired",
+                token_id,
+                "this token expired: its transaction has ended",
+            )
+            return
+        if peer.uid != record.peer.uid:
+            # The secret reached another user: it is burnt, and the transaction
+            # it would have resumed ends (fail closed).
+            self._expire(token_id)
+            self._refuse_resume(
+                conn,
+                peer,
+                record,
+                "token-peer",
+                token_id,
+                "this token belongs to another user's transaction; that transaction has ended",
+            )
+            return
+        self._retire(token_id, "used")
+        try:
+            socket.send_fds(
+                record.control, [protocol.encode_frame({"op": "resume"})], [conn.fileno()]
+            )
+        except OSError as exc:
+            _kill(record.pid, signal.SIGKILL)
+            self._refuse_resume(
+                conn, peer, record, "busy", token_id, f"cannot reach the transaction: {exc}"
+            )
+            return
+        conn.close()
+        record.peer = peer  # the same uid; the audit names the process that resumed
+        self._audit_resume(record, peer, "resumed", token_id)
 
     def _stop(self) -> None:
         """End every transaction: refuse the waiting, SIGTERM the workers, reap."""

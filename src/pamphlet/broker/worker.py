@@ -38,6 +38,9 @@ _CRED_ACTIONS = int(
     Flag.ESTABLISH_CRED | Flag.DELETE_CRED | Flag.REINITIALIZE_CRED | Flag.REFRESH_CRED
 )
 _ALL_FLAGS = 0xFFFF
+#: Seconds a detached worker waits past the broker's own expiry before it
+#: ends the transaction by itself (only when the broker is unresponsive).
+_DETACH_GRACE = 10.0
 # Items a client may read: every string item but the tokens (libpam refuses
 # those to applications anyway; the broker does not even ask).
 _READABLE_ITEMS = frozenset(
@@ -66,6 +69,10 @@ class _Shutdown(Exception):
     """The broker is stopping (SIGTERM reached this worker)."""
 
 
+class _DetachExpired(ConnectionError):
+    """No resume came for a detached transaction in time (or the broker ended it)."""
+
+
 class _Relay:
     """The worker's Conversant: relays libpam's conversation to the client."""
 
@@ -91,9 +98,16 @@ class _Relay:
                 self.user_checked = True
                 worker.ask_throttle(user)
         raw = [(int(m.style), str.encode(m, "utf-8", "surrogateescape")) for m in messages]
+        call = {"op": "converse", "messages": [[s, b64(t)] for s, t in raw]}
         try:
-            worker.send({"op": "converse", "messages": [[s, b64(t)] for s, t in raw]})
+            worker.send(call)
             reply = worker.receive(worker.limits.conversation_timeout)
+            while reply == {"op": "detach"}:
+                # Detach and resume: the call waits here, with the handle, for
+                # a new connection; it is asked again on that connection.
+                worker.detach(pending=True)
+                worker.send(call)
+                reply = worker.receive(worker.limits.conversation_timeout)
         except protocol.Interrupted:
             worker.shutdown = True
             raise _Shutdown from None
@@ -163,6 +177,8 @@ class _Worker:
         self.refusals: list[str] = []
         self.end_reason = "client"
         self.items: dict[str, str | None] = {}
+        self.detaches = 0
+        self.resumes = 0
 
     # -- the two connections ------------------------------------------------------
 
@@ -214,6 +230,9 @@ class _Worker:
                 self.shutdown = True
                 return
             op = request.get("op")
+            if request == {"op": "detach"}:
+                self.detach(pending=False)
+                continue
             handler = _HANDLERS.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise ProtocolViolation(f"unknown request {op!r}")
@@ -395,6 +414,59 @@ class _Worker:
                 if code == _SUCCESS:
                     self.items[name] = _text(value)
 
+    # -- detach and resume (docs/guide/protocol.md, "Detach and resume") -----------
+
+    def detach(self, *, pending: bool) -> None:
+        """Give up the connection, keep the handle; return on a resume's connection.
+
+        The broker issues the token (it is the one that will check it); the
+        worker hands it to the client, closes the connection and waits on the
+        control socket for the resumed connection's descriptor. No resume in
+        time, an ``expire`` from the broker, or no broker: _DetachExpired, and
+        the transaction ends as a disconnect ends it.
+        """
+        timeout = self.limits.detach_timeout
+        if timeout <= 0:
+            raise ProtocolViolation("the broker's policy does not allow detaching (detach_timeout)")
+        answer = self.ask_broker({"op": "detach"})
+        token = answer.get("token")
+        if not isinstance(token, str):
+            raise ProtocolViolation(f"the broker would not detach: {answer.get('refuse')}")
+        self.send({"op": "detached", "token": token, "timeout": timeout})
+        protocol.close_quietly(self.conn)
+        self.detaches += 1
+        # The broker expires the token after ``timeout``; this is only for a
+        # broker that is gone without closing the control socket.
+        deadline = time.monotonic() + timeout + _DETACH_GRACE
+        frames = protocol.FrameBuffer(MAX_REPLY_FRAME)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _DetachExpired("no resume before the detach timeout")
+            ready, _, _ = select.select([self.control.fileno(), self.wake], [], [], left)
+            if self.wake in ready:
+                self.shutdown = True
+                raise _Shutdown
+            if not ready:
+                continue
+            data, fds, _, _ = socket.recv_fds(self.control, 65536, 1)
+            conn = socket.socket(fileno=fds[0]) if fds else None
+            if not data:
+                protocol.close_quietly(conn)
+                raise _DetachExpired("the broker is gone")
+            for message in frames.feed(data):
+                if message.get("op") == "resume" and conn is not None:
+                    conn.setblocking(True)
+                    self.conn = conn
+                    self.resumes += 1
+                    self.send({"op": "resumed", "pending": "converse" if pending else None})
+                    return
+                protocol.close_quietly(conn)
+                conn = None
+                if message.get("op") == "expire":
+                    raise _DetachExpired("the detached transaction expired")
+            protocol.close_quietly(conn)
+
     # -- the end ------------------------------------------------------------------
 
     def implied_end(self) -> None:
@@ -485,6 +557,8 @@ def run(
             worker.serve()
         except protocol.PeerGone:
             worker.end_reason = "disconnect"
+        except _DetachExpired as exc:
+            worker.end_reason = f"detached: {exc}"
         except ProtocolViolation as exc:
             worker.end_reason = f"protocol error: {exc}"
             _say_goodbye(worker, str(exc))
@@ -501,6 +575,9 @@ def run(
         summary.update(worker.items)
         summary["phases"] = worker.phases
         summary["refusals"] = worker.refusals
+        if worker.detaches:
+            summary["detaches"] = worker.detaches
+            summary["resumes"] = worker.resumes
         summary["end"] = worker.end_reason
         summary["seconds"] = round(time.monotonic() - started, 3)
         try:
