@@ -128,9 +128,10 @@ class HeldSignals:
             handler = _signal.getsignal(signum)
             if callable(handler):
                 self._saved[signum] = handler
-                _signal.signal(signum, self._record)
+                _signal.signal(signum, self)  # this object is the handler: no bound method
 
-    def _record(self, signum: int, frame: FrameType | None) -> None:
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        """The handler while held: record the signal, or pass it on inside the conversation."""
         if self.conversing:
             self._saved[signum](signum, frame)
         else:
@@ -145,7 +146,7 @@ class HeldSignals:
     def release(self) -> None:
         """Put the handlers back, then run those of the signals held (they may raise)."""
         for signum, handler in self._saved.items():
-            if _signal.getsignal(signum) == self._record:
+            if _signal.getsignal(signum) is self:
                 _signal.signal(signum, handler)
         if self._pending:
             self.deliver()
