@@ -277,3 +277,28 @@ def test_a_client_that_vanishes_after_detaching_changes_nothing(broker: Broker) 
     assert frames_until_closed(sock) == []
     sock.close()
     assert resume_elsewhere(broker, detached["token"])["code"] == 0
+
+
+def test_a_token_raced_by_eight_resumes_is_taken_once(broker: Broker) -> None:
+    # Eight processes present the same token at once: one gets the
+    # transaction, every other one is refused; none gets a second copy.
+    token = detached_at_password(broker)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RESUME, broker.socket, token, "secret"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    results = [
+        json.loads(proc.communicate(timeout=60)[0].strip().splitlines()[-1]) for proc in procs
+    ]
+    resumed = [result for result in results if "refused" not in result]
+    assert len(resumed) == 1, results
+    assert resumed[0]["code"] == 0 and resumed[0]["acct"] == 0
+    assert {result["refused"] for result in results if "refused" in result} <= {
+        "TokenUsed",
+        "TokenInvalid",
+    }
