@@ -51,7 +51,7 @@ pytestmark = pytest.mark.root  # the broker runs PAM as root; clients become nob
 POLICY_TEMPLATE = """\
 [[allow]]
 users = ["root"]
-services = ["matrix", "crash", "unix"]
+services = ["matrix", "crash", "unix", "expired"]
 max_in_flight = 300
 
 [[allow]]
@@ -107,6 +107,12 @@ def _write_confdir(confdir: Any, scripted_module_path: str) -> Any:
         )
 
     (confdir / "matrix").write_text(stack("matrix"))
+    # pam_stress says every account's password has expired; pam_matrix changes it.
+    (confdir / "expired").write_text(
+        stack("expired").replace(
+            f"account required {matrix}", "account required pam_stress.so expired", 1
+        )
+    )
     marker = confdir / "marker"
     script = confdir / "marker.sh"
     script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER" >> {marker}\n')
@@ -218,6 +224,23 @@ def test_login_messages_environment_and_errors_pass_through(setup):
             app.authenticate()
         assert caught.value.code == pamphlet.ReturnCode.AUTH_ERR
     assert setup.broker.audit_lines("service=session", "rhost=203.0.113.9", "outcome=success")
+
+
+def test_an_expired_password_changed_in_the_login_is_audited_as_a_success(setup):
+    with ScriptedApp(
+        "expired",
+        "carol",
+        answers=["secret", "secret", "n3w-Secret", "n3w-Secret"],
+        broker=setup.path,
+    ) as app:
+        app.authenticate()
+        with pytest.raises(pamphlet.NewAuthTokenRequired):
+            app.account_management()
+        app.change_authtoken(change_expired_authtoken=True)
+    (line,) = setup.broker.audit_lines(
+        "user=carol", "phases=authenticate:0,acct_mgmt:12,chauthtok:0"
+    )
+    assert "outcome=success" in line
 
 
 def test_conversation_failure_is_raised_as_on_the_client(setup):

@@ -34,6 +34,7 @@ import traceback
 from collections.abc import Sequence
 from typing import IO, Any
 
+from ..constants import ReturnCode
 from . import protocol, worker
 from .policy import Peer, Policy, PolicyError, Rule, Throttle, load
 from .protocol import MAX_REPLY_FRAME, MAX_REQUEST_FRAME, FrameBuffer, ProtocolViolation
@@ -654,7 +655,7 @@ class Broker:
             outcome = str(summary["outcome"])
         elif refusals:
             outcome = "refused:" + ",".join(str(r) for r in refusals)
-        elif phases and all(str(p).endswith(":0") for p in phases):
+        elif phases and _succeeded([str(p) for p in phases]):
             outcome = "success"
         elif phases:
             outcome = "failure"
@@ -862,6 +863,26 @@ class Broker:
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _succeeded(phases: list[str]) -> bool:
+    """Whether a transaction's phases ("name:code") add up to a success.
+
+    An expired password (acct_mgmt's PAM_NEW_AUTHTOK_REQD) counts as passed
+    once a later chauthtok changed it, as login and sshd let the user in then.
+    """
+    for index, entry in enumerate(phases):
+        name, _, code = entry.rpartition(":")
+        if code == "0":
+            continue
+        if (
+            name == "acct_mgmt"
+            and code == str(int(ReturnCode.NEW_AUTHTOK_REQD))
+            and "chauthtok:0" in phases[index + 1 :]
+        ):
+            continue
+        return False
+    return True
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:
