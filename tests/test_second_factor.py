@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import html
 import http.cookiejar
-import json
 import os
 import pathlib
 import re
@@ -31,9 +30,11 @@ from typing import Any
 import pytest
 
 from pamphlet.testing import TemporaryService
+from test_ssh_servers import SERVERS as SSH_SERVERS
+from test_ssh_servers import Server as SshServer
+from test_ssh_servers import Ssh
 
 ROOT = pathlib.Path(__file__).parent.parent
-ASKPASS = pathlib.Path(__file__).parent / "askpass.py"
 USERS = {"bob": "hunter2", "alice": "wonder"}
 PASSWORD_PROMPT = "Password: "
 
@@ -359,90 +360,13 @@ def test_web_login_refuses_a_wrong_code_and_a_replayed_one(web_login):
 
 # -- both SSH examples, the real OpenSSH client --------------------------------------
 
-SSH_SERVERS = {
-    "paramiko": ROOT / "examples" / "ssh_server.py",
-    "asyncssh": ROOT / "examples" / "asyncssh_server.py",
-}
-
-
-class SshServer:
-    """An example SSH server in a subprocess, on a free port."""
-
-    def __init__(self, script: pathlib.Path, service: TemporaryService, log: pathlib.Path) -> None:
-        self.log = log
-        self.stderr = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [
-                *(sys.executable, str(script), "--port", "0"),
-                *("--service", service.name, "--confdir", service.confdir),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("listening on 127.0.0.1:"):
-            self.stop()
-            raise AssertionError(f"the server did not start: {line!r}\n{log.read_text()}")
-        self.port = int(line.rsplit(":", 1)[1])
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.stderr.close()
-
-
-def ssh(port: int, user: str, answers: list[str], log: pathlib.Path) -> tuple[Any, list[str]]:
-    """Run ``ssh user@127.0.0.1 hello``; askpass answers the prompts in order."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("DISPLAY", "SSH_AUTH_SOCK", "WAYLAND_DISPLAY")
-    }
-    env.update(
-        SSH_ASKPASS=str(ASKPASS),
-        SSH_ASKPASS_REQUIRE="force",
-        ASKPASS_LOG=str(log),
-        ASKPASS_ANSWERS=json.dumps(answers),
-    )
-    command = ["ssh", "-F", "/dev/null", "-p", str(port)]
-    for option in (
-        "PreferredAuthentications=keyboard-interactive",
-        "PubkeyAuthentication=no",
-        "StrictHostKeyChecking=no",
-        "UserKnownHostsFile=/dev/null",
-        "NumberOfPasswordPrompts=1",
-        "ConnectTimeout=30",
-    ):
-        command += ["-o", option]
-    result = subprocess.run(
-        [*command, f"{user}@127.0.0.1", "hello"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        start_new_session=True,  # no controlling terminal: ssh uses askpass
-    )
-    asked = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return result, asked
-
 
 @pytest.fixture(params=sorted(SSH_SERVERS))
 def ssh_server(request, totp_service, tmp_path) -> Iterator[Callable[..., Any]]:
     if shutil.which("ssh") is None:
         pytest.fail("the OpenSSH client is missing: apt-get install openssh-client")
     server = SshServer(SSH_SERVERS[request.param], totp_service, tmp_path / "server.log")
-    runs = []
-
-    def login(user: str, answers: list[str]) -> tuple[Any, list[str]]:
-        runs.append(user)
-        return ssh(server.port, user, answers, tmp_path / f"askpass-{len(runs)}.log")
+    login = Ssh(server.port, tmp_path).run
 
     try:
         yield login
