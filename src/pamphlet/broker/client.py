@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import socket
 import weakref
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .. import _libpam, conversation
 from ..constants import PAM_MAX_NUM_MSG, Phase
 from ..errors import pam_error
-from ..message import Message
 from . import protocol
 from .errors import (
     BrokerError,
@@ -34,20 +33,13 @@ from .errors import (
 )
 from .protocol import MAX_REPLY_FRAME, ProtocolViolation, b64
 
+if TYPE_CHECKING:
+    from .._transaction import Conversant
+
 __all__ = ["start", "BrokerTransport"]
 
 #: Seconds a reply frame may take once its first byte arrived.
 FRAME_TIMEOUT = 30.0
-
-
-class _Conversant(Protocol):
-    encoding: str
-
-    def converse(self, messages: list[Message]) -> list[bytes | None]: ...
-
-    def fail(self, error: BaseException) -> None: ...
-
-    def fail_delay(self, status: int, delay_usec: int) -> None: ...
 
 
 def _connect(path: str) -> socket.socket:
@@ -69,9 +61,7 @@ def _connect(path: str) -> socket.socket:
     return sock
 
 
-def start(
-    path: str, service: bytes, user: bytes | None, conversant: _Conversant
-) -> BrokerTransport:
+def start(path: str, service: bytes, user: bytes | None, conversant: Conversant) -> BrokerTransport:
     """One transaction through the broker at ``path``.
 
     Raises a BrokerRefused subclass when the policy says no, the PamError of
@@ -100,7 +90,7 @@ def start(
 class BrokerTransport:
     """A transaction's Transport over a connection to the broker."""
 
-    def __init__(self, sock: socket.socket, conversant: _Conversant) -> None:
+    def __init__(self, sock: socket.socket, conversant: Conversant) -> None:
         self._sock: socket.socket | None = sock
         self._conversant = weakref.ref(conversant)
         self._encoding = conversant.encoding
