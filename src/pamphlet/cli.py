@@ -597,6 +597,10 @@ def main(
         from .broker.server import main as broker_main
 
         return broker_main(argv[1:])
+    if argv[:1] == ["doctor"]:  # ``pamphlet doctor ...``: why a stack will refuse
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:], stdin=stdin, stdout=stdout, stderr=stderr)
     parser = _parser()
     arguments = parser.parse_args(argv)
     try:
