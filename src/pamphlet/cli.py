@@ -422,6 +422,14 @@ class _Runner:
         self.report(_record(operation.name, operation.flag_names, error, app.shown, environ))
         if error is not None:
             self.say(f"{operation.name} failed: {type(error).__name__}: {error}")
+            if self.invocation.broker is None:
+                from .doctor import refusal_hint
+
+                hint = refusal_hint(
+                    error, self.invocation.service, self.invocation.user, self.invocation.confdir
+                )
+                if hint is not None:
+                    self.say(hint)
             return False
         if not self.invocation.json:
             self.stdout.write(f"pamphlet: {success_text}\n")

@@ -474,8 +474,7 @@ class _Doctor:
             self.add(
                 WARNING,
                 "other-fallback",
-                f"{missing}: libpam uses {stack.other_file} for every phase "
-                "(on Debian it denies everything)",
+                f"{missing}: libpam uses {stack.other_file} instead, for every phase",
                 f"create {stack.looked_for[0]} (copy the service's stack back if it was "
                 "moved; `dpkg -S` names the package that ships it)",
                 source=stack.looked_for[0],
@@ -1052,7 +1051,8 @@ class _Doctor:
                     return code if id(line) in failing else intrinsic(line, phase)
 
                 verdict = simulate(entries, outcome)
-                if verdict.code and (not base.code or verdict.culprit is base.culprit):
+                decides = verdict.culprit is base.culprit or verdict.culprit in finding.lines
+                if verdict.code and (not base.code or decides):
                     if phase not in finding.refuses:
                         finding.refuses.append(phase)
                 elif finding.severity == ERROR and not finding.refuses:
@@ -1088,7 +1088,8 @@ class _Doctor:
                     finding.severity = ERROR
                     if phase not in finding.refuses:
                         finding.refuses.append(phase)
-                    finding.code = code
+                    if finding.code is None:
+                        finding.code = code
                     if culprit is not None and culprit not in finding.lines:
                         finding.lines.append(culprit)
                     return
@@ -1542,8 +1543,6 @@ def _caller_trust(line: Line) -> str | None:
         return (
             "pam_rootok succeeds when the caller's real uid is 0, without asking the user anything"
         )
-    if name == "pam_permit" and line.type == "auth":
-        return "pam_permit in auth lets every user in without checking an answer"
     if name == "pam_wheel" and line.flag("trust"):
         return (
             "pam_wheel with 'trust' lets a caller in the wheel group in without a password "
@@ -1556,6 +1555,47 @@ def _caller_trust(line: Line) -> str | None:
         if "uid" in words[0::3]:
             return "pam_succeed_if on uid decides by who the user is, not by the user's answer"
     return None
+
+
+#: Modules that refuse or let through by facts about the login, asking nothing.
+_ASKS_NOTHING = {
+    "pam_permit",
+    "pam_rootok",
+    "pam_shells",
+    "pam_nologin",
+    "pam_faildelay",
+    "pam_env",
+    "pam_group",
+    "pam_cap",
+    "pam_securetty",
+    "pam_access",
+    "pam_faillock",
+    "pam_succeed_if",
+    "pam_time",
+    "pam_listfile",
+    "pam_warn",
+    "pam_echo",
+    "pam_motd",
+    "pam_mail",
+    "pam_lastlog",
+    "pam_limits",
+    "pam_keyinit",
+    "pam_loginuid",
+    "pam_selinux",
+    "pam_systemd",
+}
+
+
+def _grants_alone(stack: Stack, permit: Line) -> bool:
+    """Whether auth succeeds with every module that could check an answer failing."""
+
+    def outcome(line: Line) -> int:
+        # pam_rootok counts as failing: its own warning covers it.
+        if line is permit or (line.name in _ASKS_NOTHING and line.name != "pam_rootok"):
+            return 0
+        return int(ReturnCode.AUTH_ERR)
+
+    return simulate(stack.entries("auth"), outcome).code == 0
 
 
 def broker_stack_warnings(
@@ -1572,6 +1612,11 @@ def broker_stack_warnings(
         seen: set[tuple[str, int]] = set()
         for line in stack.all_lines():
             reason = _caller_trust(line)
+            if line.name == "pam_permit" and line.type == "auth" and _grants_alone(stack, line):
+                reason = (
+                    "pam_permit in auth lets the user in even when every module that checks "
+                    "an answer fails"
+                )
             if reason is not None and (line.file, line.number) not in seen:
                 seen.add((line.file, line.number))
                 warnings.append(StackWarning(service, line, reason))

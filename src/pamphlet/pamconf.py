@@ -594,13 +594,8 @@ class _Reader:
             else:
                 actions, error = parse_control(control)
                 if error is not None:
-                    self.problems.append(
-                        Problem(
-                            path,
-                            number,
-                            f"bad control [{control}]: {error}; libpam treats every result as bad",
-                        )
-                    )
+                    # The module still runs, but every result counts as a failure.
+                    must_fail = must_fail or f"bad control [{control}]: {error}"
         module = tokens.next()
         if include:
             if module is None:
