@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import pamphlet
-from broker_harness import SRC, SYSTEM_PYTHON, public_dir, public_source
+from broker_harness import SRC, SYSTEM_PYTHON, Broker, public_dir, public_source
 from conftest import UNIX_STACK
 from pamphlet import cli
 from pamphlet.doctor import refusal_hint
@@ -718,3 +718,33 @@ def test_no_hint_for_a_wrong_password_as_root(make_service: Any) -> None:
     hint = refusal_hint(error, service.name, "bob", confdir=service.confdir)
     assert (hint is None) == (os.geteuid() == 0)
     assert refusal_hint(pamphlet.PermissionDenied("x"), service.name, "bob") is None
+
+
+@root
+def test_broker_says_what_its_policy_allows_this_caller(confdir: pathlib.Path) -> None:
+    write(confdir, "brokered", PERMIT_ALL)
+    broker = Broker('[[allow]]\nusers = ["root"]\nservices = ["brokered"]\n', str(confdir))
+    try:
+        status, report = doctor(
+            "brokered",
+            "root",
+            "--broker",
+            broker.socket,
+            "--confdir",
+            str(confdir),
+            "--run",
+            "authenticate",
+            "acct_mgmt",
+        )
+        assert status == 0, report["findings"]
+        assert [r["code"] for r in report["runs"]] == [0, 0]
+        assert "lets this process (uid 0) start 'brokered'" in only(report, "broker")["cause"]
+        status, report = doctor(
+            "elsewhere", "root", "--broker", broker.socket, "--confdir", str(confdir)
+        )
+        assert status == 1
+        finding = only(report, "broker")
+        assert finding["severity"] == "error"
+        assert "ServiceNotAllowed" in finding["cause"]
+    finally:
+        broker.cleanup()

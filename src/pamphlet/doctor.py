@@ -629,8 +629,9 @@ class _Doctor:
             f"{self.service!r}; which phases its rule allows is not something it tells",
         )
         self.not_checked(
-            "the broker reads its own stacks (its --confdir, if any): the stack below is "
-            "the one in " + (self.confdir or "/etc/pam.d")
+            "whether the broker reads the same stack: the one below is from "
+            + (self.confdir or "/etc/pam.d")
+            + " (give the broker's own --confdir, if it has one, as --confdir)"
         )
 
     # -- the user ---------------------------------------------------------------
@@ -1382,11 +1383,13 @@ def _run_operations(
 
     parsed = [cli.parse_operation(text) for text in operations]
     terminal = cli.Terminal(stdin, stderr)
-    extra: dict[str, Any] = {} if report.broker is None else {"broker": report.broker}
+    # Through a broker, the broker's own confdir applies; --confdir only says
+    # where the doctor reads the stack.
+    where: dict[str, Any] = (
+        {"confdir": report.confdir} if report.broker is None else {"broker": report.broker}
+    )
     try:
-        app = cli._CommandLineApp(
-            report.service, report.user, confdir=report.confdir, terminal=terminal, **extra
-        )
+        app = cli._CommandLineApp(report.service, report.user, terminal=terminal, **where)
     except PamError as error:
         report.runs.append(
             RunResult("pam_start", int(error.code), type(error).__name__, str(error))
@@ -1647,7 +1650,11 @@ def _parser() -> _Parser:
     )
     parser.add_argument("service", help="the PAM service, e.g. login")
     parser.add_argument("user", nargs="?", help="the user to check")
-    parser.add_argument("--confdir", metavar="DIR", help="read service files from DIR")
+    parser.add_argument(
+        "--confdir",
+        metavar="DIR",
+        help="read service files from DIR (with --broker: the broker's --confdir)",
+    )
     parser.add_argument("--broker", metavar="PATH", help="ask the pamphlet broker on PATH")
     parser.add_argument("--tty", help="the tty item a login would set (pam_securetty, pam_access)")
     parser.add_argument("--rhost", help="the remote host a login would set (pam_access)")
@@ -1676,8 +1683,6 @@ def main(
     arguments = parser.parse_args(argv)
     if arguments.confdir is not None and not os.path.isdir(arguments.confdir):
         parser.error(f"--confdir {arguments.confdir!r} is not a directory")
-    if arguments.broker is not None and arguments.confdir is not None:
-        parser.error("--broker uses the broker's own PAM configuration: no --confdir")
     if arguments.run and arguments.user is None:
         parser.error("--run needs a user")
     if arguments.run:
