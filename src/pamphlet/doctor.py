@@ -283,6 +283,7 @@ class Report:
                 out.append(f"  {run.operation}: {result}")
         out.append("")
         out.append("The stack as libpam reads it:")
+        width = max((len(line.where) for line in stack.all_lines()), default=0)
         for type_ in TYPES:
             lines = stack.lines(type_)
             suffix = "  (from 'other')" if stack.uses_other(type_) else ""
@@ -290,9 +291,8 @@ class Report:
                 out.append(f"  {type_:<8} (no lines: every {PHASE_OF_TYPE[type_]} fails){suffix}")
                 continue
             for line in lines:
-                control = f"[{line.control}]" if "=" in line.control else line.control
-                module = line.module or "-"
-                out.append(f"  {type_:<8} {control:<10} {module:<22} {line.where}{suffix}")
+                text = line.describe().split(" ", 1)[1]
+                out.append(f"  {type_:<8} {line.where:<{width}}  {text}{suffix}")
         return "\n".join(out) + "\n"
 
 
