@@ -51,6 +51,14 @@ def pamphlet_run(*args: str, stdin: str = "") -> tuple[int, str]:
     return status, err.getvalue()
 
 
+def login_with_doctor(
+    confdir: pathlib.Path, name: str, password: str
+) -> tuple[int, dict[str, Any]]:
+    """The doctor on the unix service, running authenticate and acct_mgmt."""
+    run = ["--run", "authenticate", "acct_mgmt"]
+    return doctor("unix", name, "--confdir", str(confdir), *run, stdin=password + "\n")
+
+
 def only(report: dict[str, Any], kind: str) -> dict[str, Any]:
     found = [f for f in report["findings"] if f["kind"] == kind]
     assert len(found) == 1, json.dumps(report["findings"], indent=1)
@@ -401,16 +409,7 @@ def test_a_healthy_unix_stack_with_a_real_user(
     status, report = doctor("unix", name, "--confdir", str(confdir))
     assert status == 0, report["findings"]
     assert report["user_info"]["name"] == name
-    status, report = doctor(
-        "unix",
-        name,
-        "--confdir",
-        str(confdir),
-        "--run",
-        "authenticate",
-        "acct_mgmt",
-        stdin=password + "\n",
-    )
+    status, report = login_with_doctor(confdir, name, password)
     assert status == 0
     assert [(r["operation"], r["code"]) for r in report["runs"]] == [
         ("authenticate", 0),
@@ -449,16 +448,7 @@ def test_the_shadow_entry(
     name, password = unix_user
     path = write(confdir, "unix", UNIX_STACK)
     subprocess.run([*command, name], check=True, capture_output=True)
-    status, report = doctor(
-        "unix",
-        name,
-        "--confdir",
-        str(confdir),
-        "--run",
-        "authenticate",
-        "acct_mgmt",
-        stdin=password + "\n",
-    )
+    status, report = login_with_doctor(confdir, name, password)
     assert status == 1
     finding = only(report, kind)
     assert finding["severity"] == "error"
@@ -748,3 +738,57 @@ def test_broker_says_what_its_policy_allows_this_caller(confdir: pathlib.Path) -
         assert "ServiceNotAllowed" in finding["cause"]
     finally:
         broker.cleanup()
+
+
+# -- the reader agrees with libpam ---------------------------------------------------------
+
+TRICKY_STACKS = {
+    "silent missing module": "-auth required /nonexistent/pam_x.so\nauth required pam_permit.so\n",
+    "unknown type": "foo required pam_permit.so\nauth required pam_permit.so\n",
+    "bad control": "auth [success=ok defaultx=bad] pam_permit.so\n",
+    "jump past the end": "auth [success=5 default=bad] pam_permit.so\n",
+    "jump over pam_deny": (
+        "auth [success=1 default=ignore] pam_permit.so\nauth requisite pam_deny.so\n"
+        "auth required pam_permit.so\n"
+    ),
+    "no control": "auth\n",
+    "mixed case": "AUTH Required pam_permit.so\n",
+    "continued over blank and comment lines": "auth \\\n  required \\\n\n# c\n pam_permit.so\n",
+    "trailing comment": "auth required pam_permit.so # a note\n",
+    "a module without the function": "auth required pam_permit.so\nauth required pam_keyinit.so\n",
+    "a line over the buffer": "auth required pam_permit.so " + "x" * 1100 + "\n",
+    "continuation at the end": "auth required pam_permit.so \\",
+    "substack with done": "auth substack {dir}/sub\nauth required pam_permit.so\n",
+    "include of a missing file": "auth include {dir}/nothing\nauth required pam_permit.so\n",
+    "@include of a missing file": "@include {dir}/nothing\n",
+    "relative include under a confdir": "auth include sub\n",
+    "empty: other": "",
+}
+
+
+@pytest.mark.parametrize("name", TRICKY_STACKS)
+def test_the_stack_reader_predicts_what_libpam_returns(confdir: pathlib.Path, name: str) -> None:
+    from pamphlet import pamconf
+
+    write(confdir, "other", "auth required pam_deny.so\n")
+    write(
+        confdir,
+        "sub",
+        "auth [success=done default=ignore] pam_permit.so\nauth required pam_deny.so\n",
+    )
+    write(confdir, "tricky", TRICKY_STACKS[name].replace("{dir}", str(confdir)))
+
+    def outcome(line: pamconf.Line) -> int:
+        if pamconf.module_fault(line, "authenticate"):
+            return 28
+        return 7 if line.name == "pam_deny" else 0
+
+    stack = pamconf.read_stack("tricky", str(confdir))
+    predicted = 26 if stack.fatal else pamconf.simulate(stack.entries("auth"), outcome).code
+    try:
+        with pamphlet.PamApplication("tricky", "root", confdir=str(confdir)) as app:
+            app.authenticate()
+        actual = 0
+    except pamphlet.PamError as error:
+        actual = error.code
+    assert predicted == actual

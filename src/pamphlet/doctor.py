@@ -1629,13 +1629,9 @@ def broker_stack_warnings(
 # -- the command ------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+def _parser() -> argparse.ArgumentParser:
+    from .cli import _Parser  # usage errors exit 2, as the rest of the command line
 
-
-def _parser() -> _Parser:
     parser = _Parser(
         prog="pamphlet doctor",
         description=(

@@ -503,6 +503,32 @@ class _Reader:
     ) -> bool:
         tokens = _Tokens(text)
         where = f"{path}:{number}"
+
+        def make(
+            control: str,
+            actions: tuple[int, ...],
+            module: str | None,
+            resolved: str | None,
+            arguments: tuple[str, ...],
+            must_fail: str | None,
+        ) -> Line:
+            assert type_ is not None
+            return Line(
+                path,
+                number,
+                text,
+                type_,
+                control,
+                actions,
+                module,
+                resolved,
+                arguments,
+                silent,
+                must_fail,
+                via,
+                other,
+            )
+
         type_token = tokens.next()
         must_fail = None
         silent = False
@@ -557,21 +583,7 @@ class _Reader:
                 )
                 return False
             must_fail = f"@include {target} cannot be read"
-            line = Line(
-                path,
-                number,
-                text,
-                type_,
-                "",
-                (BAD,) * RETURN_VALUES,
-                None,
-                None,
-                (),
-                silent,
-                must_fail,
-                via,
-                other,
-            )
+            line = make("", (BAD,) * RETURN_VALUES, None, None, (), must_fail)
             result[type_].append(line)
             return True
         assert type_ is not None
@@ -606,64 +618,20 @@ class _Reader:
                 )
                 if ok:  # libpam drops a bad type's failure once the include reads
                     if substack:
-                        head = Line(
-                            path,
-                            number,
-                            text,
-                            type_,
-                            control,
-                            (BAD,) * RETURN_VALUES,
-                            None,
-                            module,
-                            (),
-                            silent,
-                            None,
-                            via,
-                            other,
-                        )
+                        head = make(control, (BAD,) * RETURN_VALUES, None, module, (), None)
                         result[type_].append(Substack(head, tuple(included[type_])))
                     else:
                         result[type_].extend(included[type_])
                     return True
                 must_fail = must_fail or f"{control} {module}: the file cannot be read"
-            line = Line(
-                path,
-                number,
-                text,
-                type_,
-                control,
-                (BAD,) * RETURN_VALUES,
-                None,
-                None,
-                (),
-                silent,
-                must_fail,
-                via,
-                other,
-            )
+            line = make(control, (BAD,) * RETURN_VALUES, None, None, (), must_fail)
             result[type_].append(line)
             return True
         if module is None:
             must_fail = must_fail or "no module named on the line"
         arguments = tuple(tokens.rest())
         resolved = None if module is None or must_fail else self.resolve(module)
-        result[type_].append(
-            Line(
-                path,
-                number,
-                text,
-                type_,
-                control,
-                actions,
-                module,
-                resolved,
-                arguments,
-                silent,
-                must_fail,
-                via,
-                other,
-            )
-        )
+        result[type_].append(make(control, actions, module, resolved, arguments, must_fail))
         return True
 
     def _include(
