@@ -792,3 +792,42 @@ def test_the_stack_reader_predicts_what_libpam_returns(confdir: pathlib.Path, na
     except pamphlet.PamError as error:
         actual = error.code
     assert predicted == actual
+
+
+@root
+@pytest.mark.parametrize(
+    ("command", "operation", "pamtester_says"),
+    [
+        (["passwd", "-l"], "authenticate", "Authentication failure"),
+        (["chage", "-E", "0"], "acct_mgmt", "User account has expired"),
+    ],
+)
+def test_pamtester_fails_where_the_doctor_says(
+    unix_user: tuple[str, str], command: list[str], operation: str, pamtester_says: str
+) -> None:
+    """pamtester has no confdir: a uniquely named service in /etc/pam.d, removed after."""
+    name, password = unix_user
+    service = "pmph-doctor-" + secrets.token_hex(4)
+    path = pathlib.Path("/etc/pam.d") / service
+    path.write_text(UNIX_STACK)
+    try:
+        status, report = doctor(service, name)
+        assert status == 0, report["findings"]
+        subprocess.run([*command, name], check=True, capture_output=True)
+        status, report = doctor(service, name)
+        assert status == 1
+        (finding,) = errors(report)
+        assert finding["file"] == str(path) and operation in finding["refuses"]
+        proc = subprocess.run(
+            ["pamtester", service, name, "authenticate", "acct_mgmt"],
+            input=password + "\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode != 0
+        assert f"pamtester: {pamtester_says}" in proc.stderr
+        authenticated = "successfully authenticated" in proc.stdout + proc.stderr
+        assert authenticated == (operation == "acct_mgmt")
+    finally:
+        path.unlink()
