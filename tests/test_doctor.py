@@ -831,3 +831,30 @@ def test_pamtester_fails_where_the_doctor_says(
         assert authenticated == (operation == "acct_mgmt")
     finally:
         path.unlink()
+
+
+@root
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "user ingroup root",
+        "user notingroup root",
+        "user in root:daemon",
+        "user notin root:daemon",
+        "shell = /bin/bash",
+        "shell != /bin/bash",
+        "uid < 1000 gid < 1000",
+        "service in succeed:login",
+        "user =~ pmds*",
+    ],
+)
+def test_succeed_if_conditions_agree_with_the_module(
+    confdir: pathlib.Path, system_user: str, condition: str
+) -> None:
+    write(confdir, "succeed", f"auth required pam_succeed_if.so {condition}\n" + PERMIT_ALL)
+    status, report = doctor(
+        "succeed", system_user, "--confdir", str(confdir), "--run", "authenticate"
+    )
+    predicted = [f for f in report["findings"] if f["kind"] == "succeed-if"]
+    ran = report["runs"][0]["code"]
+    assert (ran != 0) == bool(predicted) == (status == 1), (condition, report["findings"])

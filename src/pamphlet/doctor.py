@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import functools
 import glob
 import grp
 import ipaddress
@@ -710,7 +711,7 @@ class _Doctor:
                 code=int(ReturnCode.AUTH_ERR),
                 source=source,
             )
-        elif password in ("*", "x") or (password and password[0] in "*"):
+        elif password.startswith("*"):
             self.add(
                 ERROR if auth else INFO,
                 "no-password",
@@ -1029,7 +1030,7 @@ class _Doctor:
 
         for type_, phase in PHASE_OF_TYPE.items():
             entries = self.stack.entries(type_)
-            base = simulate(entries, lambda line, phase=phase: intrinsic(line, phase))  # type: ignore[misc]
+            base = simulate(entries, functools.partial(intrinsic, phase=phase))
             concerned = [
                 f
                 for f in self.findings
@@ -1346,11 +1347,8 @@ def _succeed_if(line: Line, user: _User, doctor: _Doctor) -> tuple[bool | None, 
         elif op in ("in", "notin"):
             result = (value in wanted.split(":")) == (op == "in")
         elif op in ("ingroup", "notingroup") and field == "user":
-            result = all(g in user.groups for g in wanted.split(":"))
-            if op == "ingroup":
-                result = any(g in user.groups for g in wanted.split(":"))
-            else:
-                result = not any(g in user.groups for g in wanted.split(":"))
+            member = any(g in user.groups for g in wanted.split(":"))
+            result = member == (op == "ingroup")
         elif op in ("=~", "!~") and "\\" not in wanted:
             result = fnmatch.fnmatchcase(value, wanted) == (op == "=~")
         else:
