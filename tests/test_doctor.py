@@ -323,6 +323,8 @@ def test_a_caller_that_is_not_root_cannot_check_another_users_password(
         finding = only(report, "not-root")
         assert finding["severity"] == "error"
         assert (finding["file"], finding["line"]) == (f"{confdir}/unix", 1)
+        assert finding["lines"] == [f"{confdir}/unix:1", f"{confdir}/unix:2"]
+        assert finding["refuses"] == ["authenticate", "acct_mgmt"]
         assert finding["code"] == pamphlet.ReturnCode.AUTHINFO_UNAVAIL
         assert "pamphlet broker --socket" in finding["remedy"]
         # The shadow entry is not guessed at without root.

@@ -515,7 +515,8 @@ class _Doctor:
     # -- who is asking --------------------------------------------------------
 
     def check_caller(self) -> None:
-        unix = self.modules("pam_unix", "auth")
+        # pam_unix's account check goes through unix_chkpwd too (seen: 9 as well).
+        unix = self.modules("pam_unix", "auth") + self.modules("pam_unix", "account")
         if self.euid == 0 or self.broker is not None or not unix:
             return
         caller = _name_of_uid(self.uid)
@@ -540,8 +541,8 @@ class _Doctor:
             ERROR,
             "not-root",
             f"this process is not root (uid {self.uid}, {caller}): pam_unix verifies another "
-            "user's password only as root; unix_chkpwd, its helper, checks only the caller's "
-            "own password (syslog says 'password check failed for user')",
+            "user's password (and account) only as root; unix_chkpwd, its helper, checks only "
+            "the caller's own (syslog says 'password check failed for user')",
             remedy,
             lines=unix,
             code=int(ReturnCode.AUTHINFO_UNAVAIL),
