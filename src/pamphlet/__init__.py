@@ -133,12 +133,14 @@ __all__ = [
     "UserUnknown",
     "authenticate",
     "change_password",
+    "diagnose",
     "UnansweredPromptError",
 ]
 
 if TYPE_CHECKING:
     from .aio import AsyncPamApplication, FailDelayPolicy, libpam_delay
     from .application import FailDelay, PamAplication, PamApplication
+    from .doctor import diagnose
     from .environ import PamEnvironment
     from .simple import authenticate, change_password
     from .threaded import ThreadedPamApplication
@@ -158,6 +160,7 @@ _LAZY = {
     "AsyncPamApplication": "aio",
     "FailDelayPolicy": "aio",
     "libpam_delay": "aio",
+    "diagnose": "doctor",
 }
 
 

@@ -422,6 +422,14 @@ class _Runner:
         self.report(_record(operation.name, operation.flag_names, error, app.shown, environ))
         if error is not None:
             self.say(f"{operation.name} failed: {type(error).__name__}: {error}")
+            if self.invocation.broker is None:
+                from .doctor import refusal_hint
+
+                hint = refusal_hint(
+                    error, self.invocation.service, self.invocation.user, self.invocation.confdir
+                )
+                if hint is not None:
+                    self.say(hint)
             return False
         if not self.invocation.json:
             self.stdout.write(f"pamphlet: {success_text}\n")
@@ -597,6 +605,10 @@ def main(
         from .broker.server import main as broker_main
 
         return broker_main(argv[1:])
+    if argv[:1] == ["doctor"]:  # ``pamphlet doctor ...``: why a stack will refuse
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:], stdin=stdin, stdout=stdout, stderr=stderr)
     parser = _parser()
     arguments = parser.parse_args(argv)
     try:

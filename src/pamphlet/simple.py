@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .application import PamApplication
-from .errors import UnansweredPromptError
+from .errors import PamError, UnansweredPromptError
 from .message import Message
 
 __all__ = ["authenticate", "change_password", "UnansweredPromptError"]
@@ -163,9 +163,14 @@ def authenticate(
         ruser=ruser,
     )
     with app:
-        app.authenticate()
-        if check_account:
-            app.account_management()
+        try:
+            app.authenticate()
+            if check_account:
+                app.account_management()
+        except PamError as error:
+            if broker is None:
+                _point_at_the_doctor(error, service, username, confdir)
+            raise
 
 
 # Which password a change-password prompt asks for. Linux-PAM modules ask
@@ -248,7 +253,21 @@ def change_password(
             app._choose = lambda prompt: _old_password_for_prompt(prompt, old)
             app.authenticate()
             app._choose = choose
-        app.change_authtoken()
+        try:
+            app.change_authtoken()
+        except PamError as error:
+            if broker is None:
+                _point_at_the_doctor(error, service, username, confdir)
+            raise
+
+
+def _point_at_the_doctor(error: PamError, service: str, user: str, confdir: str | None) -> None:
+    # Only the cheap checks of refusal_hint run here, on the failure path.
+    from .doctor import refusal_hint
+
+    hint = refusal_hint(error, service, user, confdir)
+    if hint is not None:
+        error.add_note(hint)
 
 
 def _old_password_for_prompt(prompt: Message, old: str | bytes) -> str | bytes:

@@ -1030,8 +1030,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyError as exc:
         print(f"pamphlet broker: {exc}", file=sys.stderr)
         return 2
+    from ..doctor import broker_stack_warnings
+
+    stack_warnings = broker_stack_warnings(
+        (service for rule in policy.rules for service in rule.services), arguments.confdir
+    )
     if arguments.check:
         print(f"pamphlet broker: {arguments.policy}: {len(policy.rules)} rules, OK")
+        for warning in stack_warnings:
+            print(f"pamphlet broker: warning: {warning}")
         return 0
     try:
         mode = int(arguments.socket_mode, 8)
@@ -1071,6 +1078,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket_path=path,
         spares=max(0, arguments.spares),
     )
+    for warning in stack_warnings:  # modules that trust the caller, not the user's answer
+        print(f"pamphlet broker: warning: {warning}", file=sys.stderr)
+        line = warning.line
+        broker.audit.log(
+            event="stack-warning",
+            service=warning.service,
+            file=line.file,
+            line=line.number,
+            module=line.module,
+            reason=warning.reason,
+        )
     print(
         f"pamphlet broker: listening on {path or 'the socket systemd passed'}",
         file=sys.stderr,
