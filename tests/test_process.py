@@ -1,0 +1,362 @@
+"""A program run as the user inside the PAM session (pamphlet.process), as root.
+
+A throwaway system user with a home and a supplementary group logs in
+through a confdir stack of real modules: pam_unix, pam_exec markers in every
+type, pam_group (adding a throwaway group), pam_env, pam_limits. Each login
+runs in a process of its own (tests/login_scenario.py) inside a private mount
+namespace, where /etc/security/group.conf is bind-mounted from the test's
+own file: pam_group 1.5.2 has no option to read another one, and the
+machine's file is never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import json
+import os
+import pathlib
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import pamphlet
+from pamphlet.process import LoginIncompleteError, NotRootError, UnknownUserError, UserSession
+
+pytestmark = pytest.mark.root
+
+SCENARIO = pathlib.Path(__file__).parent / "login_scenario.py"
+NOFILE_SOFT, NOFILE_HARD = 777, 888
+
+STACK = """\
+auth     required pam_unix.so
+auth     required pam_exec.so quiet {marker}
+auth     optional pam_group.so
+auth     optional pam_debug.so auth=success cred=success
+account  required pam_unix.so
+account  required pam_exec.so quiet {marker}
+session  required pam_exec.so quiet {marker}
+{session_extra}session  required pam_env.so readenv=1 conffile={pam_env} envfile={envfile} user_readenv=0
+session  required pam_limits.so conf={limits}
+session  required pam_unix.so
+"""
+
+#: What the child prints: who it is, its ids, groups, directory, environment, limit.
+REPORT = (
+    "echo child-start >> {markers}; "
+    'echo "user=$(id -un)"; echo "groups=$(id -G)"; grep -E "^(Uid|Gid):" /proc/self/status; '
+    'echo "cwd=$(pwd)"; echo "nofile=$(ulimit -n)"; ls -l /proc/self/fd | sed -n "s/^.* \\([0-9]*\\) -> /fd:\\1 /p"; '
+    "env | sed 's/^/env:/'; echo child-end >> {markers}"
+)
+
+
+@dataclasses.dataclass
+class Account:
+    name: str
+    password: str
+    extra_group: str  # a supplementary group of the account
+    pam_group: str  # the group pam_group adds
+
+
+@dataclasses.dataclass
+class Site:
+    """The stack's files, in a folder the user's programs may write to (markers)."""
+
+    account: Account
+    folder: pathlib.Path
+    confdir: pathlib.Path
+    service: str = "pmph-login"
+
+    @property
+    def markers(self) -> pathlib.Path:
+        return self.folder / "markers"
+
+    def marker_lines(self) -> list[str]:
+        return self.markers.read_text().split()
+
+    def write_stack(self, session_extra: str = "") -> None:
+        (self.confdir / self.service).write_text(
+            STACK.format(
+                marker=self.folder / "marker.sh",
+                pam_env=self.folder / "pam_env.conf",
+                envfile=self.folder / "environment",
+                limits=self.folder / "limits.conf",
+                session_extra=session_extra,
+            )
+        )
+
+    def run(self, command: list[str], **orders: object) -> dict:
+        """One login in its own process and mount namespace; its JSON report."""
+        process = self.start(command, **orders)
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        return json.loads(stdout)
+
+    def start(self, command: list[str], **orders: object) -> subprocess.Popen[str]:
+        orders = {
+            "service": self.service,
+            "confdir": str(self.confdir),
+            "user": self.account.name,
+            "password": self.account.password,
+            "command": command,
+            **orders,
+        }
+        script = (
+            f"mount --bind {self.folder / 'group.conf'} /etc/security/group.conf && "
+            'exec "$0" "$@"'
+        )
+        environment = dict(os.environ, PAMPHLET_SERVER_SECRET="do-not-leak")
+        return subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+            + [sys.executable, str(SCENARIO), json.dumps(orders)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
+
+
+@pytest.fixture
+def account() -> Iterator[Account]:
+    name = "pmph" + secrets.token_hex(4)
+    made = Account(name, "Pw-" + secrets.token_hex(8), name + "x", name + "g")
+    subprocess.run(["groupadd", made.extra_group], check=True)
+    subprocess.run(["groupadd", made.pam_group], check=True)
+    try:
+        subprocess.run(
+            ["useradd", "--create-home", "--shell", "/bin/sh", "-G", made.extra_group, name],
+            check=True,
+        )
+        try:
+            subprocess.run(["chpasswd"], input=f"{name}:{made.password}\n", text=True, check=True)
+            yield made
+        finally:
+            subprocess.run(["userdel", "--remove", name], check=True, capture_output=True)
+    finally:
+        subprocess.run(["groupdel", made.extra_group], check=True)
+        subprocess.run(["groupdel", made.pam_group], check=True)
+
+
+@pytest.fixture
+def site(account: Account) -> Iterator[Site]:
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="pamphlet-login-"))
+    folder.chmod(0o755)
+    confdir = folder / "pam.d"
+    confdir.mkdir()
+    made = Site(account, folder, confdir)
+    made.markers.touch()
+    made.markers.chmod(0o666)  # the child, as the user, writes its own markers
+    marker = folder / "marker.sh"
+    marker.write_text(f'#!/bin/sh\necho "$PAM_TYPE" >> {made.markers}\n')
+    marker.chmod(0o755)
+    (folder / "pam_env.conf").write_text("PMPH_FROM_PAM_ENV DEFAULT=set-for-@{PAM_USER}\n")
+    (folder / "environment").write_text("")
+    (folder / "limits.conf").write_text(
+        f"{account.name} soft nofile {NOFILE_SOFT}\n{account.name} hard nofile {NOFILE_HARD}\n"
+    )
+    (folder / "group.conf").write_text(f"*;*;{account.name};Al0000-2400;{account.pam_group}\n")
+    made.write_stack()
+    yield made
+    shutil.rmtree(folder)
+
+
+def lines_of(report: dict) -> dict[str, str]:
+    found = {}
+    for line in report["stdout"].splitlines():
+        key, sep, value = line.partition("=") if not line.startswith(("Uid:", "Gid:")) else (
+            line.split(":")[0],
+            ":",
+            line.split(":", 1)[1],
+        )
+        if sep:
+            found.setdefault(key, value)
+    return found
+
+
+def test_the_program_runs_as_the_user_in_the_session(site: Site) -> None:
+    account = site.account
+    report = site.run(["sh", "-c", REPORT.format(markers=site.markers)])
+    assert report["failed"] == {} and report["refused"] is None, report
+    assert report["returncode"] == 0, report
+    seen = lines_of(report)
+    entry = pwd.getpwnam(account.name)
+    assert seen["user"] == account.name
+    # real, effective, saved and filesystem ids: all the user's
+    assert seen["Uid"].split() == [str(entry.pw_uid)] * 4
+    assert seen["Gid"].split() == [str(entry.pw_gid)] * 4
+    # exactly the account's groups, plus the one pam_group added
+    expected = set(os.getgrouplist(account.name, entry.pw_gid))
+    assert grp.getgrnam(account.extra_group).gr_gid in expected
+    expected.add(grp.getgrnam(account.pam_group).gr_gid)
+    assert {int(g) for g in seen["groups"].split()} == expected
+    assert seen["cwd"] == entry.pw_dir
+    assert seen["nofile"] == str(NOFILE_SOFT)  # pam_limits, in the session
+    # no descriptor of the server (it holds inheritable ones): stdio, and ls's own
+    descriptors = [line[3:].split() for line in report["stdout"].splitlines() if line[:3] == "fd:"]
+    assert [d[0] for d in descriptors] == ["0", "1", "2", "3"], descriptors
+    assert descriptors[3][1].startswith("/proc/") and descriptors[3][1].endswith("/fd")
+    environment = {
+        line[4:].partition("=")[0]: line[4:].partition("=")[2]
+        for line in report["stdout"].splitlines()
+        if line.startswith("env:")
+    }
+    assert environment["PMPH_FROM_PAM_ENV"] == f"set-for-{account.name}"
+    assert environment["HOME"] == entry.pw_dir
+    assert environment["USER"] == environment["LOGNAME"] == account.name
+    assert environment["SHELL"] == "/bin/sh"
+    assert environment["PATH"] == pamphlet.process.DEFAULT_PATH
+    assert "PAMPHLET_SERVER_SECRET" not in environment
+    assert not any(name.startswith("PYTEST") for name in environment)
+    # the order: auth, account, open_session, the child, then close_session
+    assert site.marker_lines() == [
+        "auth",
+        "account",
+        "open_session",
+        "child-start",
+        "child-end",
+        "close_session",
+    ]
+    # and the server got its own groups back after pam_group's setcred
+    assert grp.getgrnam(account.pam_group).gr_gid not in report["server_groups"]
+
+
+def test_the_session_api_reports_the_home_directory(site: Site) -> None:
+    report = site.run(["true"], session_api=True)
+    assert report["returncode"] == 0, report
+    assert report["cwd"] == pwd.getpwnam(site.account.name).pw_dir
+
+
+def test_a_missing_home_starts_in_root(site: Site) -> None:
+    shutil.rmtree(pwd.getpwnam(site.account.name).pw_dir)
+    report = site.run(["pwd"], session_api=True)
+    assert report["returncode"] == 0, report
+    assert report["stdout"] == "/\n"
+    assert report["cwd"] == "/"
+
+
+def test_a_wrong_password_runs_nothing(site: Site) -> None:
+    report = site.run(
+        ["sh", "-c", f"echo child-start >> {site.markers}"], password="wrong-" + "x" * 8
+    )
+    assert report["failed"]["authenticate"] == "AuthenticationError"
+    assert report["refused"][0] == "LoginIncompleteError"
+    assert "authenticate" in report["refused"][1]
+    assert "child-start" not in site.marker_lines()
+    assert "open_session" not in site.marker_lines()
+
+
+def test_an_expired_account_runs_nothing(site: Site) -> None:
+    subprocess.run(["chage", "-E", "0", site.account.name], check=True)
+    report = site.run(["sh", "-c", f"echo child-start >> {site.markers}"])
+    assert report["failed"] == {"acct_mgmt": "AccountExpired"}
+    assert report["refused"][0] == "LoginIncompleteError"
+    assert "acct_mgmt" in report["refused"][1]
+    # (required: the stack goes on after pam_unix refused, then fails)
+    assert site.marker_lines() == ["auth", "account"]
+
+
+def test_a_failing_session_module_runs_nothing_and_deletes_the_credentials(site: Site) -> None:
+    site.write_stack(session_extra="session  required pam_exec.so quiet /bin/false\n")
+    report = site.run(["sh", "-c", f"echo child-start >> {site.markers}"])
+    assert report["failed"] == {"session": "SystemError"}  # pam_exec: the script failed
+    assert "child-start" not in site.marker_lines()
+    # pam_debug speaks on each setcred: established, then deleted
+    assert report["said"].count("cred=success") == 2
+
+
+def test_exit_status_and_death_by_signal_as_subprocess(site: Site) -> None:
+    assert site.run(["sh", "-c", "exit 7"])["returncode"] == 7
+    assert site.run(["sh", "-c", "kill -TERM $$"])["returncode"] == -signal.SIGTERM
+
+
+def test_sigterm_to_the_server_ends_the_child_and_closes_the_session(site: Site) -> None:
+    process = site.start(["sh", "-c", f"echo child-start $$ >> {site.markers}; exec sleep 60"])
+    try:
+        deadline = time.monotonic() + 30
+        while "child-start" not in site.markers.read_text():
+            assert time.monotonic() < deadline, process.stderr
+            time.sleep(0.02)
+        child = int(site.marker_lines()[site.marker_lines().index("child-start") + 1])
+        # the scenario's python runs under unshare's sh (exec'd): same pid
+        os.kill(process.pid, signal.SIGTERM)
+        process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGTERM  # the signal took its course after closing
+    assert site.marker_lines()[-1] == "close_session"
+    assert not os.path.exists(f"/proc/{child}")
+
+
+def test_the_child_cannot_become_root_again(site: Site) -> None:
+    code = (
+        "import os\n"
+        "for call in (lambda: os.setuid(0), lambda: os.setresuid(0, 0, 0), lambda: os.setgid(0)):\n"
+        "    try:\n        call()\n        print('regained')\n"
+        "    except PermissionError:\n        print('refused')\n"
+        "print(os.getresuid(), os.getresgid())\n"
+    )
+    report = site.run(["/usr/bin/python3", "-c", code])
+    entry = pwd.getpwnam(site.account.name)
+    assert report["stdout"].splitlines() == [
+        "refused",
+        "refused",
+        "refused",
+        str((entry.pw_uid,) * 3) + " " + str((entry.pw_gid,) * 3),
+    ]
+
+
+def test_runuser_mode_needs_only_the_session(site: Site) -> None:
+    report = site.run(["id", "-un"], phases=[])
+    assert report["refused"][0] == "LoginIncompleteError"
+    report = site.run(["id", "-un"], phases=[], session_only=True)
+    assert report["stdout"] == site.account.name + "\n"
+    assert site.marker_lines() == ["open_session", "close_session"]
+
+
+def test_refusals_without_root_or_without_an_account(matrix, unix_user) -> None:
+    class Login(pamphlet.PamApplication):
+        def conversation(self, messages):
+            return ["secret" if m.is_prompt else "" for m in messages]
+
+    with Login(matrix.name, "bob", confdir=matrix.confdir) as app:
+        app.authenticate()
+        app.account_management()
+        with pytest.raises(UnknownUserError, match="no account that NSS knows"):
+            UserSession(app).popen(["true"])
+    code = f"""
+import os, pamphlet
+from pamphlet.process import UserSession, NotRootError
+with pamphlet.PamApplication({matrix.name!r}, {unix_user[0]!r}, confdir={matrix.confdir!r}) as app:
+    os.setresuid(65534, 65534, 65534)  # a server that dropped root after pam_start
+    try:
+        UserSession(app, session_only=True).popen(["true"])
+    except NotRootError as error:
+        print("refused:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "refused: running a program as" in result.stdout, result.stderr
+    assert "needs root" in result.stdout and "broker" in result.stdout
+    assert NotRootError.__mro__[1] is pamphlet.process.LoginRefused
+
+
+def test_a_refusal_writes_an_audit_line(matrix, caplog) -> None:
+    class Login(pamphlet.PamApplication):
+        def conversation(self, messages):
+            return ["wrong" if m.is_prompt else "" for m in messages]
+
+    with Login(matrix.name, "root", confdir=matrix.confdir) as app:
+        with pytest.raises(pamphlet.PamError):
+            app.authenticate()
+        with pytest.raises(LoginIncompleteError):
+            UserSession(app).popen(["true"])
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "pamphlet.process"]
+    assert line.startswith("refused=LoginIncompleteError ")
+    assert 'user="root"' in line
