@@ -360,3 +360,69 @@ def test_a_refusal_writes_an_audit_line(matrix, caplog) -> None:
     (line,) = [r.getMessage() for r in caplog.records if r.name == "pamphlet.process"]
     assert line.startswith("refused=LoginIncompleteError ")
     assert 'user="root"' in line
+
+
+PERMIT_STACK = """\
+auth     required pam_permit.so
+account  required pam_permit.so
+session  required pam_exec.so quiet {script}
+"""
+
+
+class Permitted(pamphlet.PamApplication):
+    def conversation(self, messages):
+        return ["" for _ in messages]
+
+
+def read_until(terminal, text: bytes, timeout: float = 30) -> bytes:
+    """What the pty said, up to and including ``text``."""
+    import select
+
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text not in seen:
+        assert time.monotonic() < deadline, seen
+        if select.select([terminal], [], [], 0.1)[0]:
+            try:
+                seen += os.read(terminal.fileno(), 4096)
+            except OSError:  # EIO: the child has gone
+                break
+    return seen
+
+
+def test_a_pty_is_the_controlling_terminal_and_pam_tty(unix_user, tmp_path) -> None:
+    seen_tty = tmp_path / "pam_tty"
+    script = tmp_path / "tty.sh"
+    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_TTY" >> {seen_tty}\n')
+    script.chmod(0o755)
+    service = pamphlet.testing.TemporaryService(PERMIT_STACK.format(script=script))
+    try:
+        with Permitted(service.name, unix_user[0], confdir=service.confdir) as app:
+            app.authenticate()
+            app.account_management()
+            with UserSession(app) as session:
+                # a login shell (the account's is /bin/false)
+                process = session.popen(["/bin/sh"], argv0="-sh", pty=(33, 101))
+                assert process.args == ["/bin/sh"]
+                terminal = process.pty
+                assert terminal is not None
+                terminal.write(b'tty; stty size; ps -o tty= -p $$; echo "arg""v0=$0"\n')
+                said = read_until(terminal, b"argv0=-sh")
+                process.resize(40, 120)
+                terminal.write(b"stty size; exit 5\n")
+                said += read_until(terminal, b"40 120")
+                assert process.wait(30) == 5
+                terminal.close()
+            name = app.tty
+    finally:
+        service.cleanup()
+    assert name is not None and name.startswith("/dev/pts/")
+    text = said.decode()
+    assert name in text  # tty printed the PAM_TTY item's terminal
+    assert "33 101" in text
+    assert "\r\n" + name[len("/dev/") :] + "\r\n" in text  # ps: the controlling terminal
+    assert "argv0=-sh" in text
+    assert seen_tty.read_text().split("\n")[:2] == [
+        f"open_session {name}",
+        f"close_session {name}",
+    ]
