@@ -426,3 +426,64 @@ def test_a_pty_is_the_controlling_terminal_and_pam_tty(unix_user, tmp_path) -> N
         f"open_session {name}",
         f"close_session {name}",
     ]
+
+
+def pamphlet_cli(*args: str, answers: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pamphlet", *args],
+        input=answers,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+    )
+
+
+def test_the_command_line_runs_the_command_as_the_user(unix_user, make_service) -> None:
+    from conftest import UNIX_STACK
+
+    name, password = unix_user
+    service = make_service(UNIX_STACK)
+    operations = [service.name, name, "authenticate", "acct_mgmt", "open_session"]
+    result = pamphlet_cli(
+        "--confdir",
+        service.confdir,
+        *operations,
+        "--exec",
+        "--",
+        "sh",
+        "-c",
+        "id -un; exit 7",
+        answers=password + "\n",
+    )
+    assert result.returncode == 7, result.stderr
+    assert result.stdout.splitlines() == [
+        "pamphlet: successfully authenticated",
+        "pamphlet: account management done.",
+        "pamphlet: successfully opened a session",
+        name,
+    ]
+    # the account has no home: sshd's words, and the program starts in /
+    assert f"Could not chdir to home directory /home/{name}" in result.stderr
+
+    wrong = pamphlet_cli(
+        "--confdir", service.confdir, *operations, "--exec", "--", "id", answers="wrong\n"
+    )
+    assert wrong.returncode == 1
+    assert name not in wrong.stdout
+    assert "authenticate failed" in wrong.stderr
+
+    skipped = pamphlet_cli(
+        "--confdir", service.confdir, service.name, name, "open_session", "--exec", "--", "id"
+    )
+    assert skipped.returncode == 1
+    assert "LoginIncompleteError" in skipped.stderr and "authenticate" in skipped.stderr
+    runuser = pamphlet_cli(
+        "--confdir", service.confdir, "--session-only", service.name, name, "open_session",
+        "--exec", "--", "id", "-un",
+    )  # fmt: skip
+    assert runuser.returncode == 0, runuser.stderr
+    assert runuser.stdout.splitlines()[-1] == name
+    bad = pamphlet_cli("--confdir", service.confdir, service.name, name, "authenticate", "--exec")
+    assert bad.returncode == 2
+    assert "--exec" in bad.stderr

@@ -746,7 +746,7 @@ class _Forwarder:
 
 
 def run_as_user(
-    app: ApplicationBase,
+    app: ApplicationBase | UserSession,
     args: Sequence[str | bytes],
     *,
     session_only: bool = False,
@@ -761,7 +761,8 @@ def run_as_user(
     whose ``returncode`` is negative when a signal ended the program. On the
     main thread, SIGTERM, SIGHUP, SIGINT and SIGQUIT to this process are
     passed to the program (SIGKILL after :data:`KILL_AFTER` seconds), the
-    session is closed, and then the signal takes its course here.
+    session is closed, and then the signal takes its course here. ``app``
+    may be a :class:`UserSession` (opened or not): it is closed at the end.
     """
     if capture_output:
         popen_kwargs.setdefault("stdout", subprocess.PIPE)
@@ -769,7 +770,11 @@ def run_as_user(
     if input is not None:
         popen_kwargs.setdefault("stdin", subprocess.PIPE)
     caught: int | None = None
-    with UserSession(app, session_only=session_only) as session:
+    if isinstance(app, UserSession):
+        session = app
+    else:
+        session = UserSession(app, session_only=session_only)
+    with session:
         with session.popen(args, **popen_kwargs) as process, _Forwarder(process) as forwarder:
             stdout, stderr = process.communicate(input)
         caught = forwarder.caught
