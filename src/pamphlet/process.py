@@ -191,11 +191,12 @@ class UserSession:
     def account(self) -> pwd.struct_passwd:
         """The user's passwd entry (the PAM user item, read after the phases)."""
         if self._account is None:
-            self._check()
+            self.check()
         assert self._account is not None
         return self._account
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Raise the LoginRefused that stops anything from running as the user, if any."""
         app = self.app
         user = _safe(lambda: app.user)
         if os.geteuid() != 0:
@@ -279,7 +280,7 @@ class UserSession:
         with self._lock:
             if self._opened:
                 return
-            self._check()
+            self.check()
             account = self.account
             transaction = self.app._transaction
             if not transaction._credentials_established:
@@ -358,7 +359,7 @@ class UserSession:
             process.wait()
 
     def __enter__(self) -> Self:
-        self._check()
+        self.check()
         return self
 
     def __exit__(
@@ -585,7 +586,7 @@ class UserProcess(subprocess.Popen):  # type: ignore[type-arg]
             raise TypeError("args must be a non-empty list: the program and its arguments")
         self.session = session
         self.pty = None
-        session._check()
+        session.check()
         account = session.account
         interpreter = _interpreter()
         slave = -1
