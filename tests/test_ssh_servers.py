@@ -427,9 +427,17 @@ def test_a_login_retried_then_dropped_ends_every_handle(login, tmp_path):
 
 @pytest.fixture
 def expired_user(unix_user):
-    """A throwaway system user whose password has expired (``chage -d 0``)."""
+    """A throwaway system user whose password has expired (``chage -d 0``).
+
+    As root the servers run the client's command as the user, through the
+    account's shell: /bin/sh, and the command says hello (see GREET)."""
     subprocess.run(["chage", "-d", "0", unix_user[0]], check=True)
+    subprocess.run(["usermod", "--shell", "/bin/sh", unix_user[0]], check=True)
     return unix_user
+
+
+#: The command a system user's login runs: the pam_matrix users' greeting, as the user.
+GREET = ("echo Hello $(id -un)",)
 
 
 @pytest.mark.root  # pam_unix reads and writes /etc/shadow
@@ -440,7 +448,7 @@ def test_an_expired_password_is_changed_in_the_same_exchange(login, make_service
     name, old = expired_user
     new = "Nw-" + secrets.token_hex(8)
     server, ssh = login(service=make_service(UNIX_STACK))
-    result, asked = ssh.run(name, [old, old, new, new])
+    result, asked = ssh.run(name, [old, old, new, new], GREET)
     assert result.returncode == 0, result.stderr + server.log.read_text()
     assert result.stdout.startswith(f"Hello {name}\n")
     prefix = f"({name}@127.0.0.1) "
@@ -456,7 +464,7 @@ def test_an_expired_password_is_changed_in_the_same_exchange(login, make_service
     assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
 
     # the change took: the new password logs in, with nothing more to change
-    result, asked = ssh.run(name, [new])
+    result, asked = ssh.run(name, [new], GREET)
     assert result.returncode == 0, result.stderr + server.log.read_text()
     assert asked == [prefix + "Password: "]
     result, _ = ssh.run(name, [old])
@@ -475,7 +483,7 @@ def test_an_expired_password_not_changed_is_refused(login, make_service, expired
     assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
     # still expired, still the old password: the next login must change it
     new = "Nw-" + secrets.token_hex(8)
-    result, asked = ssh.run(name, [old, old, new, new])
+    result, asked = ssh.run(name, [old, old, new, new], GREET)
     assert result.returncode == 0, result.stderr + server.log.read_text()
     assert len(asked) == 4
 

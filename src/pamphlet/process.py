@@ -182,7 +182,8 @@ class UserSession:
         self._limits: dict[int, tuple[int, int]] | None = None
         self._umask: int = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        if inspect.iscoroutinefunction(getattr(app, "open_session", None)):
+        flavour = sys.modules.get("pamphlet.aio")
+        if flavour is not None and isinstance(app, flavour.AsyncPamApplication):
             self._loop = asyncio.get_running_loop()  # its phases are coroutines on this loop
 
     # -- checks -------------------------------------------------------------------
