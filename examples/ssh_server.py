@@ -411,7 +411,6 @@ class SshServer(SshAuthInterface):
         channel.sendall("".join(line + "\n" for line in lines).encode())
         channel.send_exit_status(0)
 
-
     def run_as_user(
         self, channel: paramiko.Channel, pam: pamphlet.ThreadedPamApplication, session: UserSession
     ) -> None:

@@ -44,7 +44,8 @@ auth     optional pam_debug.so auth=success cred=success
 account  required pam_unix.so
 account  required pam_exec.so quiet {marker}
 session  required pam_exec.so quiet {marker}
-{session_extra}session  required pam_env.so readenv=1 conffile={pam_env} envfile={envfile} user_readenv=0
+{session_extra}session  required pam_env.so readenv=1 conffile={pam_env} envfile={envfile} \
+user_readenv=0
 session  required pam_limits.so conf={limits}
 session  required pam_unix.so
 """
@@ -53,7 +54,8 @@ session  required pam_unix.so
 REPORT = (
     "echo child-start >> {markers}; "
     'echo "user=$(id -un)"; echo "groups=$(id -G)"; grep -E "^(Uid|Gid):" /proc/self/status; '
-    'echo "cwd=$(pwd)"; echo "nofile=$(ulimit -n)"; ls -l /proc/self/fd | sed -n "s/^.* \\([0-9]*\\) -> /fd:\\1 /p"; '
+    'echo "cwd=$(pwd)"; echo "nofile=$(ulimit -n)"; '
+    'ls -l /proc/self/fd | sed -n "s/^.* \\([0-9]*\\) -> /fd:\\1 /p"; '
     "env | sed 's/^/env:/'; echo child-end >> {markers}"
 )
 
@@ -109,14 +111,14 @@ class Site:
             "command": command,
             **orders,
         }
-        script = (
-            f"mount --bind {self.folder / 'group.conf'} /etc/security/group.conf && "
-            'exec "$0" "$@"'
-        )
+        group_conf = self.folder / "group.conf"
+        script = f'mount --bind {group_conf} /etc/security/group.conf && exec "$0" "$@"'
         environment = dict(os.environ, PAMPHLET_SERVER_SECRET="do-not-leak")
         return subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
-            + [sys.executable, str(SCENARIO), json.dumps(orders)],
+            [
+                *("unshare", "--mount", "--propagation", "private", "sh", "-c", script),
+                *(sys.executable, str(SCENARIO), json.dumps(orders)),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -171,11 +173,8 @@ def site(account: Account) -> Iterator[Site]:
 def lines_of(report: dict) -> dict[str, str]:
     found = {}
     for line in report["stdout"].splitlines():
-        key, sep, value = line.partition("=") if not line.startswith(("Uid:", "Gid:")) else (
-            line.split(":")[0],
-            ":",
-            line.split(":", 1)[1],
-        )
+        separator = ":" if line.startswith(("Uid:", "Gid:")) else "="
+        key, sep, value = line.partition(separator)
         if sep:
             found.setdefault(key, value)
     return found

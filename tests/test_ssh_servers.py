@@ -182,12 +182,12 @@ class Ssh:
         answers: list[str],
         remote: tuple[str, ...] = ("hello",),
         *options: str,
-        input: str | None = None,
+        typed: str | None = None,
     ) -> tuple[subprocess.CompletedProcess[str], list]:
-        stdin = subprocess.DEVNULL if input is None else subprocess.PIPE
+        stdin = subprocess.DEVNULL if typed is None else subprocess.PIPE
         process, log = self.start(user, answers, remote, *options, stdin=stdin)
         try:
-            stdout, stderr = process.communicate(input, timeout=60)
+            stdout, stderr = process.communicate(typed, timeout=60)
         finally:
             process.kill()
         asked = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -650,7 +650,7 @@ def wait_for_lines(path: pathlib.Path, count: int, timeout: float = 30) -> list[
 def test_root_runs_the_command_as_the_user(login, make_service, login_account):
     name, password, script, markers = login_account
     server, ssh = login(service=make_service(LOGIN_STACK.format(marker=script)))
-    result, asked = ssh.run(name, [password], ("id -un; echo $HOME; pwd; exit 3",))
+    result, _ = ssh.run(name, [password], ("id -un; echo $HOME; pwd; exit 3",))
     assert result.returncode == 3, result.stderr + server.log.read_text()
     home = f"/home/{name}"
     assert result.stdout.splitlines() == [name, home, home]
@@ -668,7 +668,7 @@ def test_root_gives_a_login_shell_on_a_pty(login, make_service, login_account):
     name, password, script, markers = login_account
     server, ssh = login(service=make_service(LOGIN_STACK.format(marker=script)))
     typed = 'echo "answer=$((6*7))"; tty; echo "arg""v0=$0"; exit 4\n'
-    result, _ = ssh.run(name, [password], (), "-tt", input=typed)
+    result, _ = ssh.run(name, [password], (), "-tt", typed=typed)
     assert result.returncode == 4, result.stderr + server.log.read_text()
     assert "answer=42" in result.stdout
     assert "argv0=-sh" in result.stdout  # a login shell

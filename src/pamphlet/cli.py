@@ -460,7 +460,6 @@ class _Runner:
             self.say(f"PAM environment now: {shown or '(empty)'}")
         return True
 
-
     def open_user_session(self, app: PamApplication, flags: int) -> None:
         # --exec: initgroups, setcred(ESTABLISH), open_session, in su's order
         self.session.open()

@@ -41,7 +41,7 @@ from types import FrameType, TracebackType
 from typing import IO, Any, Self
 
 from .application import ApplicationBase
-from .constants import Item, Phase, ReturnCode
+from .constants import Phase, ReturnCode
 
 __all__ = [
     "UserSession",
@@ -675,7 +675,9 @@ class UserProcess(subprocess.Popen):  # type: ignore[type-arg]
             limits = self.session._limits or {}
             for limit, (soft, hard) in limits.items():
                 ours = resource.getrlimit(limit)[1]
-                if ours != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > ours):
+                if ours != resource.RLIM_INFINITY and (
+                    hard == resource.RLIM_INFINITY or hard > ours
+                ):
                     # A raised hard limit: only root can give it (the child
                     # sets the others itself, as the user).
                     resource.prlimit(self.pid, limit, (soft, hard))
@@ -752,7 +754,7 @@ def run_as_user(
     args: Sequence[str | bytes],
     *,
     session_only: bool = False,
-    input: bytes | str | None = None,
+    input: bytes | str | None = None,  # noqa: A002 - subprocess.run's name
     capture_output: bool = False,
     **popen_kwargs: Any,
 ) -> subprocess.CompletedProcess[Any]:
@@ -772,10 +774,7 @@ def run_as_user(
     if input is not None:
         popen_kwargs.setdefault("stdin", subprocess.PIPE)
     caught: int | None = None
-    if isinstance(app, UserSession):
-        session = app
-    else:
-        session = UserSession(app, session_only=session_only)
+    session = app if isinstance(app, UserSession) else UserSession(app, session_only=session_only)
     with session:
         with session.popen(args, **popen_kwargs) as process, _Forwarder(process) as forwarder:
             stdout, stderr = process.communicate(input)
