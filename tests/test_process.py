@@ -427,24 +427,14 @@ def test_a_pty_is_the_controlling_terminal_and_pam_tty(unix_user, tmp_path) -> N
     ]
 
 
-def pamphlet_cli(*args: str, answers: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pamphlet", *args],
-        input=answers,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        start_new_session=True,
-    )
-
-
 def test_the_command_line_runs_the_command_as_the_user(unix_user, make_service) -> None:
     from conftest import UNIX_STACK
+    from test_cli import run_cli
 
     name, password = unix_user
     service = make_service(UNIX_STACK)
     operations = [service.name, name, "authenticate", "acct_mgmt", "open_session"]
-    result = pamphlet_cli(
+    result = run_cli(
         "--confdir",
         service.confdir,
         *operations,
@@ -465,24 +455,24 @@ def test_the_command_line_runs_the_command_as_the_user(unix_user, make_service) 
     # the account has no home: sshd's words, and the program starts in /
     assert f"Could not chdir to home directory /home/{name}" in result.stderr
 
-    wrong = pamphlet_cli(
+    wrong = run_cli(
         "--confdir", service.confdir, *operations, "--exec", "--", "id", answers="wrong\n"
     )
     assert wrong.returncode == 1
     assert name not in wrong.stdout
     assert "authenticate failed" in wrong.stderr
 
-    skipped = pamphlet_cli(
+    skipped = run_cli(
         "--confdir", service.confdir, service.name, name, "open_session", "--exec", "--", "id"
     )
     assert skipped.returncode == 1
     assert "LoginIncompleteError" in skipped.stderr and "authenticate" in skipped.stderr
-    runuser = pamphlet_cli(
+    runuser = run_cli(
         "--confdir", service.confdir, "--session-only", service.name, name, "open_session",
         "--exec", "--", "id", "-un",
     )  # fmt: skip
     assert runuser.returncode == 0, runuser.stderr
     assert runuser.stdout.splitlines()[-1] == name
-    bad = pamphlet_cli("--confdir", service.confdir, service.name, name, "authenticate", "--exec")
+    bad = run_cli("--confdir", service.confdir, service.name, name, "authenticate", "--exec")
     assert bad.returncode == 2
     assert "--exec" in bad.stderr
