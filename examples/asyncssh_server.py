@@ -339,7 +339,6 @@ async def relay(process: asyncssh.SSHServerProcess[bytes], child: UserProcess) -
     if child.pty is not None:
         outputs = [(os.dup(child.pty.fileno()), process.stdout.write)]
         sink = os.dup(child.pty.fileno())
-        child.pty.close()
     else:
         assert child.stdin and child.stdout and child.stderr
         outputs = [
@@ -369,13 +368,13 @@ async def relay(process: asyncssh.SSHServerProcess[bytes], child: UserProcess) -
                 try:
                     data = await process.stdin.read(32768)
                 except asyncssh.TerminalSizeChanged as change:
-                    if child.pty is not None or change.height:
+                    if child.pty is not None and change.height and change.width:
                         child.resize(change.height, change.width)
                     continue
                 if not data:
                     break
                 os.write(sink, data)  # small, typed input: a blocking write is brief
-        except (OSError, asyncssh.Error):
+        except (OSError, ValueError, asyncssh.Error):
             pass
         finally:
             os.close(sink)  # the client's EOF reaches the program
@@ -385,6 +384,8 @@ async def relay(process: asyncssh.SSHServerProcess[bytes], child: UserProcess) -
     returncode = await asyncio.to_thread(child.wait)
     await asyncio.wait(copies, timeout=5)  # what it wrote last, unless a daemon holds the pipe
     typing.cancel()
+    if child.pty is not None:
+        child.pty.close()  # (kept until now for window changes)
     return returncode if returncode >= 0 else 128 - returncode
 
 

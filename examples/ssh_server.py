@@ -380,7 +380,10 @@ class SshServer(SshAuthInterface):
     ) -> bool:
         process = self.process
         if process is not None and process.pty is not None and width and height:
-            process.resize(height, width)
+            try:
+                process.resize(height, width)
+            except (OSError, ValueError):  # the program has just exited
+                pass
         return True
 
     def run_session(self, channel: paramiko.Channel) -> None:
@@ -459,7 +462,6 @@ def relay(channel: paramiko.Channel, process: UserProcess) -> int:
     if process.pty is not None:
         sources = [(os.dup(process.pty.fileno()), channel.sendall)]
         sink = os.dup(process.pty.fileno())
-        process.pty.close()
     else:
         assert process.stdin and process.stdout and process.stderr
         sources = [
@@ -495,6 +497,8 @@ def relay(channel: paramiko.Channel, process: UserProcess) -> int:
     returncode = process.wait()
     for thread in outputs:
         thread.join(5)  # what the program wrote last, unless a daemon it left holds the pipe
+    if process.pty is not None:
+        process.pty.close()  # (kept until now for window changes)
     return returncode if returncode >= 0 else 128 - returncode
 
 
