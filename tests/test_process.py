@@ -276,8 +276,12 @@ def test_exit_status_and_death_by_signal_as_subprocess(site: Site) -> None:
     assert site.run(["sh", "-c", "kill -TERM $$"])["returncode"] == -signal.SIGTERM
 
 
-def test_sigterm_to_the_server_ends_the_child_and_closes_the_session(site: Site) -> None:
-    process = site.start(["sh", "-c", f"echo child-start $$ >> {site.markers}; exec sleep 60"])
+@pytest.mark.parametrize("trap", ["", "trap '' TERM; "], ids=["plain", "ignoring-SIGTERM"])
+def test_sigterm_to_the_server_ends_the_child_and_closes_the_session(site: Site, trap) -> None:
+    """As su: SIGTERM goes to the program (SIGKILL after 2 s if it ignores it), the
+    session is closed, then the server dies of the signal it got."""
+    start = f"{trap}echo child-start $$ >> {site.markers}; exec sleep 60"
+    process = site.start(["sh", "-c", start])
     try:
         deadline = time.monotonic() + 30
         while "child-start" not in site.markers.read_text():
@@ -476,3 +480,24 @@ def test_the_command_line_runs_the_command_as_the_user(unix_user, make_service) 
     bad = run_cli("--confdir", service.confdir, service.name, name, "authenticate", "--exec")
     assert bad.returncode == 2
     assert "--exec" in bad.stderr
+
+
+def test_a_handle_in_a_broker_worker_is_refused(unix_user) -> None:
+    """The worker's process got the session's groups and limits, not this one."""
+    from broker_harness import Broker, public_dir
+
+    confdir = public_dir("pamphlet-confdir-")
+    (confdir / "permit").write_text(
+        "auth required pam_permit.so\naccount required pam_permit.so\n"
+        "session required pam_permit.so\n"
+    )
+    broker = Broker('[[allow]]\nusers = ["root"]\nservices = ["permit"]\n', str(confdir))
+    try:
+        with Permitted("permit", unix_user[0], broker=broker.socket) as app:
+            app.authenticate()
+            app.account_management()
+            with pytest.raises(pamphlet.process.BrokeredHandleError, match="broker worker"):
+                UserSession(app).popen(["true"])
+    finally:
+        broker.cleanup()
+        shutil.rmtree(confdir)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import IO, Any, Self
 
+from . import _libpam
 from .application import ApplicationBase
 from .constants import Phase, ReturnCode
 
@@ -51,6 +52,7 @@ __all__ = [
     "NotRootError",
     "UnknownUserError",
     "LoginIncompleteError",
+    "BrokeredHandleError",
     "DEFAULT_PATH",
 ]
 
@@ -95,6 +97,10 @@ class UnknownUserError(LoginRefused, LookupError):
 
 class LoginIncompleteError(LoginRefused):
     """A phase that must come first did not succeed on this handle."""
+
+
+class BrokeredHandleError(LoginRefused):
+    """The handle lives in a broker's worker: its modules change that process, not this one."""
 
 
 def _refuse(error: LoginRefused, app: ApplicationBase, user: str | None) -> LoginRefused:
@@ -207,6 +213,16 @@ class UserSession:
                     f"{os.geteuid()}): setgroups, setgid and setuid need it. The pamphlet broker "
                     "authenticates and opens sessions for an unprivileged server, but starts no "
                     "process as the user: run this part as root, as sshd's privileged monitor does"
+                ),
+                app,
+                user,
+            )
+        if not isinstance(app._transaction._transport, _libpam.Handle):
+            raise _refuse(
+                BrokeredHandleError(
+                    f"the PAM handle of {user!r} lives in a pamphlet broker worker: pam_group, "
+                    "pam_limits and pam_env would set up that worker, not the process started "
+                    "here; run the login in this process (as root) to run programs in it"
                 ),
                 app,
                 user,
