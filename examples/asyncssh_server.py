@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -83,6 +84,7 @@ class KbdintLogin(pamphlet.AsyncPamApplication):
         self.authenticated = False
         self.session_open = False
         self.session_said: list[str] = []
+        self.running = False  # a program runs as the user: the session stays until it exits
         self.task: asyncio.Task[None] | None = None
         self.closing: asyncio.Task[None] | None = None
 
@@ -199,6 +201,9 @@ class PamSshServer(asyncssh.SSHServer):
         # A login left half done (or a session) ends now: its phase's
         # thread is released, its handle ended.
         startups.discard(self)
+        login = self.login
+        if login is not None and login.running:
+            return  # run_as_user ends it once the program has exited (a pty's gets SIGHUP)
         self.release_login()
 
     def release_login(self) -> asyncio.Task[None] | None:
@@ -318,17 +323,24 @@ class PamSshServer(asyncssh.SSHServer):
         except (pamphlet.PamError, LoginRefused, OSError) as error:
             process.stderr.write(f"session refused: {error}\r\n".encode())
             process.exit(1)
-            await asyncio.to_thread(session.close)
+            try:
+                await asyncio.to_thread(session.close)
+            except pamphlet.PamError as failure:
+                logger.warning("closing the session of %s failed: %r", login.username, failure)
             await self.end_login()
             return
         for message in login.session_said:
             process.stderr.write(f"{message}\r\n".encode())
         logger.info("%s runs pid %d", login.username, child.pid)
-        status = await relay(process, child)
+        login.running = True
         try:
-            await asyncio.to_thread(session.close)
-        except pamphlet.PamError as error:
-            logger.warning("closing the session of %s failed: %r", login.username, error)
+            status = await relay(process, child)
+            try:
+                await asyncio.to_thread(session.close)
+            except pamphlet.PamError as error:
+                logger.warning("closing the session of %s failed: %r", login.username, error)
+        finally:
+            login.running = False
         process.exit(status)
         await self.end_login()
 
@@ -378,6 +390,12 @@ async def relay(process: asyncssh.SSHServerProcess[bytes], child: UserProcess) -
             pass
         finally:
             os.close(sink)  # the client's EOF reaches the program
+        if child.pty is not None:
+            # A terminal has no EOF to pass on; the client leaving is a hangup,
+            # as when sshd closes the pty: the shell gets SIGHUP.
+            await process.channel.wait_closed()
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
 
     copies = [loop.create_task(copy_out(*output)) for output in outputs]
     typing = loop.create_task(copy_in())

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -489,6 +490,15 @@ def relay(channel: paramiko.Channel, process: UserProcess) -> int:
             pass
         finally:
             os.close(sink)  # the client's EOF reaches the program
+        if process.pty is not None:
+            # A terminal has no EOF to pass on; the client leaving is a hangup,
+            # as when sshd closes the pty: the shell gets SIGHUP.
+            while process.poll() is None:
+                transport = channel.get_transport()
+                if channel.closed or transport is None or not transport.is_active():
+                    process.send_signal(signal.SIGHUP)
+                    break
+                time.sleep(0.1)
 
     outputs = [threading.Thread(target=copy_out, args=source, daemon=True) for source in sources]
     for thread in outputs:

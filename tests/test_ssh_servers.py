@@ -678,3 +678,30 @@ def test_root_gives_a_login_shell_on_a_pty(login, make_service, login_account):
         f"open_session {terminal.strip()}",
         f"close_session {terminal.strip()}",
     ]
+
+
+@pytest.mark.root
+def test_a_client_that_hangs_up_ends_the_program_and_the_session(
+    login, make_service, login_account
+):
+    """As sshd: the client's connection drops while its program runs on a pty;
+    the program gets SIGHUP, and the session is closed once it has gone."""
+    name, password, script, markers = login_account
+    server, ssh = login(service=make_service(LOGIN_STACK.format(marker=script)))
+    process, _ = ssh.start(
+        name, [password], ("echo pid=$$; exec sleep 60",), "-tt", stdin=subprocess.PIPE
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("pid="), line + server.log.read_text()
+        pid = int(line.strip()[4:])
+        assert os.path.exists(f"/proc/{pid}")
+        process.kill()  # the client goes away without a word
+        process.wait(30)
+    finally:
+        process.kill()
+        process.wait()
+    lines = wait_for_lines(markers, 2)
+    assert [line.split()[0] for line in lines] == ["open_session", "close_session"]
+    assert not os.path.exists(f"/proc/{pid}")
+    assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
