@@ -7,7 +7,7 @@ and exec does the rest with no Python in between (a threaded server may fork
 safely): ``setsid``, ``setgroups``, ``setregid``, ``setreuid`` (real,
 effective and saved ids alike), every descriptor closed but stdio, the
 environment replaced. Popen then executes a few lines of Python, already
-running as the user (:data:`_CHILD`): they take the controlling terminal
+running as the user (``_CHILD``): they take the controlling terminal
 (a pty), change to the home directory (``/`` when it is missing, as sshd),
 and execute the program with the ``argv[0]`` asked for (``-bash`` for a
 login shell). The parent waits, then ``pam_close_session``, then
