@@ -477,6 +477,13 @@ def test_the_command_line_runs_the_command_as_the_user(unix_user, make_service) 
     )  # fmt: skip
     assert runuser.returncode == 0, runuser.stderr
     assert runuser.stdout.splitlines()[-1] == name
+    # what follows the answers on standard input is the command's
+    piped = run_cli(
+        "--confdir", service.confdir, *operations, "--exec", "--", "cat",
+        answers=password + "\nfor the command\n",
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.splitlines()[-1] == "for the command"
     bad = run_cli("--confdir", service.confdir, service.name, name, "authenticate", "--exec")
     assert bad.returncode == 2
     assert "--exec" in bad.stderr

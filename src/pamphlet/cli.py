@@ -261,6 +261,9 @@ class Terminal:
     def __init__(self, source: IO[str] | None, error: IO[str]) -> None:
         self.input = source
         self.error = error
+        # --exec: answers are read from the descriptor a byte at a time, so
+        # that what follows them stays there for the command.
+        self.unbuffered = False
 
     def _is_terminal(self) -> bool:
         try:
@@ -292,6 +295,12 @@ class Terminal:
     def _read_line(self) -> bytes:
         if self.input is None:
             return b""
+        if self.unbuffered:
+            descriptor = self.input.fileno()
+            line = b""
+            while not line.endswith(b"\n") and (byte := os.read(descriptor, 1)):
+                line += byte
+            return line
         buffer = getattr(self.input, "buffer", None)
         if buffer is not None:
             # Bytes, so that any answer reaches PAM as typed, in any encoding.
@@ -411,6 +420,9 @@ class _Runner:
                 from .process import UserSession
 
                 self.session = UserSession(app, session_only=invocation.session_only)
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    self.terminal.input.fileno()  # type: ignore[union-attr] # None: no descriptor
+                    self.terminal.unbuffered = True
             for operation in invocation.operations:
                 if not self.perform(app, operation):
                     return EXIT_FAILURE
