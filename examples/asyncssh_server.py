@@ -9,9 +9,15 @@ questions become prompts, its info and error messages the challenge's
 instructions), then ``account_management``; when the password has expired,
 the change (``change_authtoken(change_expired_authtoken=True)``) follows in
 the same exchange, as OpenSSH's sshd does, and only then is the user let in.
-An exec or shell request establishes credentials, opens the PAM session and
-answers ``Hello USER`` and the session's PAM environment, exit status 0; the
-session is closed and the handle ended when the channel closes.
+An exec or shell request logs the user in for real (pamphlet.process): as
+root, for a user that NSS knows, credentials are established after
+initgroups, the PAM session opened, and the command (``SHELL -c COMMAND``) or
+a login shell runs as the user, on a pseudo-terminal when the client asked
+for one; its output and exit status go to the client, and the session is
+closed when it exits. Not root, or a user without an account (the test
+stacks' pam_matrix users): the server says why on stderr and answers
+``Hello USER`` and the session's PAM environment, exit status 0, as before.
+The handle is ended when the channel closes.
 
 asyncssh asks for a challenge in one coroutine and hands the answers to the
 next one, while PAM asks from inside a phase. The bridge is the login's
@@ -36,13 +42,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncssh
 
 import pamphlet
+from pamphlet.process import LoginRefused, UserProcess, UserSession
 
 logger = logging.getLogger("ssh.auth")
 
@@ -75,6 +84,7 @@ class KbdintLogin(pamphlet.AsyncPamApplication):
         self.authenticated = False
         self.session_open = False
         self.session_said: list[str] = []
+        self.running = False  # a program runs as the user: the session stays until it exits
         self.task: asyncio.Task[None] | None = None
         self.closing: asyncio.Task[None] | None = None
 
@@ -191,6 +201,9 @@ class PamSshServer(asyncssh.SSHServer):
         # A login left half done (or a session) ends now: its phase's
         # thread is released, its handle ended.
         startups.discard(self)
+        login = self.login
+        if login is not None and login.running:
+            return  # run_as_user ends it once the program has exited (a pty's gets SIGHUP)
         self.release_login()
 
     def release_login(self) -> asyncio.Task[None] | None:
@@ -251,30 +264,150 @@ class PamSshServer(asyncssh.SSHServer):
         prompts = [(str(m), not m.wants_password) for m in step if m.is_prompt]
         return "", instructions, "", prompts
 
-    async def run_session(self, process: asyncssh.SSHServerProcess[str]) -> None:
+    async def run_session(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         login = self.login
         if login is None or not login.authenticated or login.session_open:
-            process.stderr.write("session refused: one session per connection\r\n")
+            process.stderr.write(b"session refused: one session per connection\r\n")
             process.exit(1)
+            return
+        session = UserSession(login)
+        try:
+            session.check()
+        except LoginRefused as why:
+            logger.info("no program runs for %s: %s", login.username, why)
+            process.stderr.write(f"pamphlet: no shell for {login.username}: {why}\r\n".encode())
+        else:
+            await self.run_as_user(process, login, session)
             return
         try:
             await login.initialize_credentials()
             await login.open_session()
             login.session_open = True
         except pamphlet.PamError as error:
-            process.stderr.write(f"session refused: {error}\r\n")
+            process.stderr.write(f"session refused: {error}\r\n".encode())
             process.exit(1)
             return
         for message in login.session_said:
-            process.stderr.write(f"{message}\r\n")
+            process.stderr.write(f"{message}\r\n".encode())
         lines = [f"Hello {login.user}"]
         lines += [f"{name}={value}" for name, value in sorted(login.environ.items())]
-        process.stdout.write("".join(line + "\n" for line in lines))
+        process.stdout.write("".join(line + "\n" for line in lines).encode())
         process.exit(0)
         await self.end_login()  # the channel is closing: close the session, end the handle
 
+    async def run_as_user(
+        self, process: asyncssh.SSHServerProcess[bytes], login: KbdintLogin, session: UserSession
+    ) -> None:
+        """The client's command, or a login shell, as the user in the PAM session.
 
-async def handle_process(process: asyncssh.SSHServerProcess[str]) -> None:
+        The session's phases and the start run on a thread (they block; the
+        phases' conversation runs here, on the loop); the copying is the loop's.
+        """
+        environment = {}
+        terminal = process.get_terminal_type()
+        pty: bool | tuple[int, int] = False
+        if terminal is not None:
+            environment["TERM"] = terminal
+            columns, rows = process.get_terminal_size()[:2]
+            pty = (rows or 24, columns or 80)
+        command = process.command
+        pipes = {} if pty else {"stdin": -1, "stdout": -1, "stderr": -1}
+
+        def start() -> UserProcess:
+            if command is None:
+                return session.shell(pty=pty, env=environment)
+            return session.shell(command, pty=pty, env=environment, **pipes)
+
+        try:
+            child = await asyncio.to_thread(start)
+        except (pamphlet.PamError, LoginRefused, OSError) as error:
+            process.stderr.write(f"session refused: {error}\r\n".encode())
+            process.exit(1)
+            try:
+                await asyncio.to_thread(session.close)
+            except pamphlet.PamError as failure:
+                logger.warning("closing the session of %s failed: %r", login.username, failure)
+            await self.end_login()
+            return
+        for message in login.session_said:
+            process.stderr.write(f"{message}\r\n".encode())
+        logger.info("%s runs pid %d", login.username, child.pid)
+        login.running = True
+        try:
+            status = await relay(process, child)
+            try:
+                await asyncio.to_thread(session.close)
+            except pamphlet.PamError as error:
+                logger.warning("closing the session of %s failed: %r", login.username, error)
+        finally:
+            login.running = False
+        process.exit(status)
+        await self.end_login()
+
+
+async def relay(process: asyncssh.SSHServerProcess[bytes], child: UserProcess) -> int:
+    """Copy between the channel and the program until it exits; its exit status."""
+    loop = asyncio.get_running_loop()
+    if child.pty is not None:
+        outputs = [(os.dup(child.pty.fileno()), process.stdout.write)]
+        sink = os.dup(child.pty.fileno())
+    else:
+        assert child.stdin and child.stdout and child.stderr
+        outputs = [
+            (os.dup(child.stdout.fileno()), process.stdout.write),
+            (os.dup(child.stderr.fileno()), process.stderr.write),
+        ]
+        sink = os.dup(child.stdin.fileno())
+        for pipe in (child.stdin, child.stdout, child.stderr):
+            pipe.close()
+
+    async def copy_out(source: int, write: Callable[[bytes], object]) -> None:
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(source, "rb", 0)
+        )
+        try:
+            while data := await reader.read(32768):
+                write(data)
+        except OSError:  # EIO: the terminal's last process has gone
+            pass
+        finally:
+            transport.close()
+
+    async def copy_in() -> None:
+        try:
+            while True:
+                try:
+                    data = await process.stdin.read(32768)
+                except asyncssh.TerminalSizeChanged as change:
+                    if child.pty is not None and change.height and change.width:
+                        child.resize(change.height, change.width)
+                    continue
+                if not data:
+                    break
+                os.write(sink, data)  # small, typed input: a blocking write is brief
+        except (OSError, ValueError, asyncssh.Error):
+            pass
+        finally:
+            os.close(sink)  # the client's EOF reaches the program
+        if child.pty is not None:
+            # A terminal has no EOF to pass on; the client leaving is a hangup,
+            # as when sshd closes the pty: the shell gets SIGHUP.
+            await process.channel.wait_closed()
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
+
+    copies = [loop.create_task(copy_out(*output)) for output in outputs]
+    typing = loop.create_task(copy_in())
+    returncode = await asyncio.to_thread(child.wait)
+    await asyncio.wait(copies, timeout=5)  # what it wrote last, unless a daemon holds the pipe
+    typing.cancel()
+    if child.pty is not None:
+        child.pty.close()  # (kept until now for window changes)
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+async def handle_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
     server = process.get_extra_info("connection").get_owner()
     await server.run_session(process)
 
@@ -294,6 +427,8 @@ async def serve(args: argparse.Namespace) -> None:
         password_auth=False,
         public_key_auth=False,
         login_timeout=args.login_grace,
+        encoding=None,  # bytes: a program's output is not ours to decode
+        line_editor=False,  # a pty's echo and editing are the program's
     )
     port = listener.sockets[0].getsockname()[1]
     print(f"listening on 127.0.0.1:{port}", flush=True)

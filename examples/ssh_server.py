@@ -10,10 +10,16 @@ client as the query's instructions, never as prompts. After authentication
 comes ``account_management``; when it says the password has expired, the
 change (``change_authtoken(change_expired_authtoken=True)``) follows in the
 same exchange, as OpenSSH's sshd does, and only then is the user let in.
-When the client runs a command or a shell, the server establishes
-credentials, opens the PAM session and answers ``Hello USER`` followed by the
-session's PAM environment, exit status 0. When the channel closes, it closes
-the session and ends the handle.
+When the client runs a command or a shell, the server logs the user in for
+real, as sshd does (pamphlet.process): as root, for a user that NSS knows, it
+establishes credentials after initgroups, opens the PAM session and runs the
+command (``SHELL -c COMMAND``) or a login shell as the user, on a
+pseudo-terminal when the client asked for one; the client gets its output
+and exit status, and the session is closed when the program exits. When the
+server is not root, or the user has no account (the test stacks' pam_matrix
+users), it says why on stderr and answers ``Hello USER`` followed by the
+session's PAM environment, exit status 0, as before. When the channel
+closes, the handle ends.
 
 paramiko asks its questions in one callback and hands the answers to another,
 so the conversation cannot be a blocking function: ``authenticate()`` and
@@ -37,14 +43,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import paramiko
 
 import pamphlet
+from pamphlet.process import LoginRefused, UserProcess, UserSession
 
 #: How long a PAM conversation call may wait for the client's answers.
 PHASE_TIMEOUT = 60.0
@@ -328,6 +338,9 @@ class SshServer(SshAuthInterface):
         super().__init__(pam_service, confdir, client_host)
         self.session_requested = threading.Event()
         self.logged_in = logged_in or threading.Event()
+        self.command: bytes | None = None  # None: a shell
+        self.terminal: tuple[str, int, int] | None = None  # TERM, rows, columns
+        self.process: UserProcess | None = None
 
     def accept(self, pam: pamphlet.ThreadedPamApplication) -> int:
         verdict = super().accept(pam)
@@ -341,6 +354,7 @@ class SshServer(SshAuthInterface):
         return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        self.command = command
         self.session_requested.set()
         return True
 
@@ -348,7 +362,29 @@ class SshServer(SshAuthInterface):
         self.session_requested.set()
         return True
 
-    def check_channel_pty_request(self, *args: object) -> bool:
+    def check_channel_pty_request(
+        self,
+        channel: paramiko.Channel,
+        term: bytes | str,
+        width: int,
+        height: int,
+        pixelwidth: int,
+        pixelheight: int,
+        modes: bytes,
+    ) -> bool:
+        name = term.decode("ascii", "replace") if isinstance(term, bytes) else term
+        self.terminal = (name, height or 24, width or 80)
+        return True
+
+    def check_channel_window_change_request(
+        self, channel: paramiko.Channel, width: int, height: int, *pixels: int
+    ) -> bool:
+        process = self.process
+        if process is not None and process.pty is not None and width and height:
+            try:
+                process.resize(height, width)
+            except (OSError, ValueError):  # the program has just exited
+                pass
         return True
 
     def run_session(self, channel: paramiko.Channel) -> None:
@@ -356,6 +392,15 @@ class SshServer(SshAuthInterface):
         if pam is None or not self.authenticated:
             channel.sendall_stderr(b"session refused: not logged in\r\n")
             channel.send_exit_status(1)
+            return
+        session = UserSession(pam)
+        try:
+            session.check()
+        except LoginRefused as why:
+            logger.info("no program runs for %s: %s", self.username, why)
+            channel.sendall_stderr(f"pamphlet: no shell for {self.username}: {why}\r\n".encode())
+        else:
+            self.run_as_user(channel, pam, session)
             return
         try:
             said = self.open_pam_session(pam)
@@ -369,6 +414,102 @@ class SshServer(SshAuthInterface):
         lines += [f"{name}={value}" for name, value in sorted(pam.environ.items())]
         channel.sendall("".join(line + "\n" for line in lines).encode())
         channel.send_exit_status(0)
+
+    def run_as_user(
+        self, channel: paramiko.Channel, pam: pamphlet.ThreadedPamApplication, session: UserSession
+    ) -> None:
+        """The client's command, or a login shell, as the user in the PAM session."""
+        environment = {}
+        if self.terminal is not None:
+            environment["TERM"] = self.terminal[0]
+        pty = False if self.terminal is None else self.terminal[1:]
+        try:
+            with self.lock:
+                if pam is not self.pam:
+                    raise pamphlet.SessionError("the connection is closing")
+            if self.command is None:
+                process = session.shell(pty=pty, env=environment)
+            else:
+                command = self.command.decode("utf-8", "surrogateescape")
+                pipes = {} if pty else {"stdin": -1, "stdout": -1, "stderr": -1}
+                process = session.shell(command, pty=pty, env=environment, **pipes)
+        except (pamphlet.PamError, LoginRefused, OSError) as error:
+            channel.sendall_stderr(f"session refused: {error}\r\n".encode())
+            channel.send_exit_status(1)
+            self.close_user_session(session)
+            return
+        self.process = process
+        for message in pam.pop_messages():
+            channel.sendall_stderr(f"{message}\r\n".encode())
+        logger.info("%s runs pid %d", self.username, process.pid)
+        status = relay(channel, process)
+        self.close_user_session(session)
+        channel.send_exit_status(status)
+
+    def close_user_session(self, session: UserSession) -> None:
+        try:
+            session.close()
+        except pamphlet.PamError as error:
+            logger.warning("closing the session of %s failed: %r", self.username, error)
+
+
+def relay(channel: paramiko.Channel, process: UserProcess) -> int:
+    """Copy between the channel and the program until it exits; its exit status.
+
+    Each copying thread owns a duplicate of its descriptor and closes it when
+    done, so that a thread outliving the program (a client that keeps
+    typing) never writes to a number reused meanwhile.
+    """
+    if process.pty is not None:
+        sources = [(os.dup(process.pty.fileno()), channel.sendall)]
+        sink = os.dup(process.pty.fileno())
+    else:
+        assert process.stdin and process.stdout and process.stderr
+        sources = [
+            (os.dup(process.stdout.fileno()), channel.sendall),
+            (os.dup(process.stderr.fileno()), channel.sendall_stderr),
+        ]
+        sink = os.dup(process.stdin.fileno())
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            pipe.close()
+
+    def copy_out(source: int, send: Callable[[bytes], object]) -> None:
+        try:
+            while data := os.read(source, 32768):
+                send(data)
+        except OSError:  # EIO: the terminal's last process has gone; or the client has
+            pass
+        finally:
+            os.close(source)
+
+    def copy_in() -> None:
+        try:
+            while data := channel.recv(32768):
+                os.write(sink, data)
+        except OSError:
+            pass
+        finally:
+            os.close(sink)  # the client's EOF reaches the program
+        if process.pty is not None:
+            # A terminal has no EOF to pass on; the client leaving is a hangup,
+            # as when sshd closes the pty: the shell gets SIGHUP.
+            while process.poll() is None:
+                transport = channel.get_transport()
+                if channel.closed or transport is None or not transport.is_active():
+                    process.send_signal(signal.SIGHUP)
+                    break
+                time.sleep(0.1)
+
+    outputs = [threading.Thread(target=copy_out, args=source, daemon=True) for source in sources]
+    for thread in outputs:
+        thread.start()
+    threading.Thread(target=copy_in, daemon=True).start()
+    returncode = process.wait()
+    for thread in outputs:
+        thread.join(5)  # what the program wrote last, unless a daemon it left holds the pipe
+    if process.pty is not None:
+        process.pty.close()  # (kept until now for window changes)
+    return returncode if returncode >= 0 else 128 - returncode
 
 
 class Startup:

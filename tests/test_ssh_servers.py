@@ -116,9 +116,10 @@ class Ssh:
         self.directory = directory
         self.runs = 0
 
-    def command(self, user: str) -> list[str]:
+    def command(self, user: str, remote: tuple[str, ...] = ("hello",), *options: str) -> list[str]:
         return [
             "ssh",
+            *options,
             "-F",
             "/dev/null",
             "-p",
@@ -136,11 +137,21 @@ class Ssh:
             "-o",
             "ConnectTimeout=30",
             f"{user}@127.0.0.1",
-            "hello",
+            *remote,
         ]
 
-    def start(self, user: str, answers: list[str]) -> tuple[subprocess.Popen[str], pathlib.Path]:
-        """Start ssh; askpass answers its prompts with ``answers``, in order."""
+    def start(
+        self,
+        user: str,
+        answers: list[str],
+        remote: tuple[str, ...] = ("hello",),
+        *options: str,
+        stdin: int = subprocess.DEVNULL,
+    ) -> tuple[subprocess.Popen[str], pathlib.Path]:
+        """Start ssh; askpass answers its prompts with ``answers``, in order.
+
+        ``remote`` is the command (empty: a shell), ``options`` go before the
+        others (``-tt`` for a pty)."""
         self.runs += 1
         log = self.directory / f"askpass-{self.runs}.log"
         env = {
@@ -155,8 +166,8 @@ class Ssh:
             ASKPASS_ANSWERS=json.dumps(answers),
         )
         process = subprocess.Popen(
-            self.command(user),
-            stdin=subprocess.DEVNULL,
+            self.command(user, remote, *options),
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -165,10 +176,18 @@ class Ssh:
         )
         return process, log
 
-    def run(self, user: str, answers: list[str]) -> tuple[subprocess.CompletedProcess[str], list]:
-        process, log = self.start(user, answers)
+    def run(
+        self,
+        user: str,
+        answers: list[str],
+        remote: tuple[str, ...] = ("hello",),
+        *options: str,
+        typed: str | None = None,
+    ) -> tuple[subprocess.CompletedProcess[str], list]:
+        stdin = subprocess.DEVNULL if typed is None else subprocess.PIPE
+        process, log = self.start(user, answers, remote, *options, stdin=stdin)
         try:
-            stdout, stderr = process.communicate(timeout=60)
+            stdout, stderr = process.communicate(typed, timeout=60)
         finally:
             process.kill()
         asked = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -212,6 +231,10 @@ def test_right_password_logs_in_and_runs_the_session(login):
     assert "Welcome to pamphlet, bob" in result.stderr
     assert "Authentication succeeded" in result.stderr
     assert "Your session, bob" in result.stderr  # said by a session module
+    if os.geteuid() == 0:  # why there is no shell: bob is a pam_matrix user only
+        assert "no shell for bob: the user 'bob' has no account that NSS knows" in result.stderr
+    else:
+        assert "no shell for bob: running a program as 'bob' needs root" in result.stderr
     # the channel closed: the session was closed and the handle ended
     assert "PAM handle of bob ended" in server.wait_for_log("PAM handle of bob ended")
 
@@ -404,9 +427,17 @@ def test_a_login_retried_then_dropped_ends_every_handle(login, tmp_path):
 
 @pytest.fixture
 def expired_user(unix_user):
-    """A throwaway system user whose password has expired (``chage -d 0``)."""
+    """A throwaway system user whose password has expired (``chage -d 0``).
+
+    As root the servers run the client's command as the user, through the
+    account's shell: /bin/sh, and the command says hello (see GREET)."""
     subprocess.run(["chage", "-d", "0", unix_user[0]], check=True)
+    subprocess.run(["usermod", "--shell", "/bin/sh", unix_user[0]], check=True)
     return unix_user
+
+
+#: The command a system user's login runs: the pam_matrix users' greeting, as the user.
+GREET = ("echo Hello $(id -un)",)
 
 
 @pytest.mark.root  # pam_unix reads and writes /etc/shadow
@@ -417,7 +448,7 @@ def test_an_expired_password_is_changed_in_the_same_exchange(login, make_service
     name, old = expired_user
     new = "Nw-" + secrets.token_hex(8)
     server, ssh = login(service=make_service(UNIX_STACK))
-    result, asked = ssh.run(name, [old, old, new, new])
+    result, asked = ssh.run(name, [old, old, new, new], GREET)
     assert result.returncode == 0, result.stderr + server.log.read_text()
     assert result.stdout.startswith(f"Hello {name}\n")
     prefix = f"({name}@127.0.0.1) "
@@ -433,7 +464,7 @@ def test_an_expired_password_is_changed_in_the_same_exchange(login, make_service
     assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
 
     # the change took: the new password logs in, with nothing more to change
-    result, asked = ssh.run(name, [new])
+    result, asked = ssh.run(name, [new], GREET)
     assert result.returncode == 0, result.stderr + server.log.read_text()
     assert asked == [prefix + "Password: "]
     result, _ = ssh.run(name, [old])
@@ -452,7 +483,7 @@ def test_an_expired_password_not_changed_is_refused(login, make_service, expired
     assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
     # still expired, still the old password: the next login must change it
     new = "Nw-" + secrets.token_hex(8)
-    result, asked = ssh.run(name, [old, old, new, new])
+    result, asked = ssh.run(name, [old, old, new, new], GREET)
     assert result.returncode == 0, result.stderr + server.log.read_text()
     assert len(asked) == 4
 
@@ -575,3 +606,102 @@ def test_a_login_past_its_grace_time_is_ended(login):
         (askpass_log.parent / (askpass_log.name + ".hangup")).touch()
         process.kill()
         process.wait()
+
+
+# -- a real login: root, a system user, pamphlet.process ---------------------------
+
+LOGIN_STACK = """\
+auth     required pam_unix.so
+account  required pam_unix.so
+password required pam_unix.so yescrypt
+session  required pam_exec.so quiet {marker}
+session  required pam_unix.so
+"""
+
+
+@pytest.fixture
+def login_account(tmp_path):
+    """A throwaway system user with a home and /bin/sh, and a session marker script."""
+    name = "pmph" + secrets.token_hex(4)
+    password = "Pw-" + secrets.token_hex(8)
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+    try:
+        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+        markers = tmp_path / "markers"
+        script = tmp_path / "marker.sh"
+        script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_TTY" >> {markers}\n')
+        script.chmod(0o755)
+        yield name, password, script, markers
+    finally:
+        subprocess.run(["userdel", "--remove", name], check=True, capture_output=True)
+
+
+def wait_for_lines(path: pathlib.Path, count: int, timeout: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.02)
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.root
+def test_root_runs_the_command_as_the_user(login, make_service, login_account):
+    name, password, script, markers = login_account
+    server, ssh = login(service=make_service(LOGIN_STACK.format(marker=script)))
+    result, _ = ssh.run(name, [password], ("id -un; echo $HOME; pwd; exit 3",))
+    assert result.returncode == 3, result.stderr + server.log.read_text()
+    home = f"/home/{name}"
+    assert result.stdout.splitlines() == [name, home, home]
+    assert "Hello" not in result.stdout
+    # the session was opened before the command and closed once it exited
+    assert [line.split()[0] for line in wait_for_lines(markers, 2)] == [
+        "open_session",
+        "close_session",
+    ]
+    assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")
+
+
+@pytest.mark.root
+def test_root_gives_a_login_shell_on_a_pty(login, make_service, login_account):
+    name, password, script, markers = login_account
+    server, ssh = login(service=make_service(LOGIN_STACK.format(marker=script)))
+    typed = 'echo "answer=$((6*7))"; tty; echo "arg""v0=$0"; exit 4\n'
+    result, _ = ssh.run(name, [password], (), "-tt", typed=typed)
+    assert result.returncode == 4, result.stderr + server.log.read_text()
+    assert "answer=42" in result.stdout
+    assert "argv0=-sh" in result.stdout  # a login shell
+    (terminal,) = [line for line in result.stdout.splitlines() if line.startswith("/dev/pts/")]
+    # PAM_TTY was the pty's name; the session closed when the client left
+    assert wait_for_lines(markers, 2) == [
+        f"open_session {terminal.strip()}",
+        f"close_session {terminal.strip()}",
+    ]
+
+
+@pytest.mark.root
+def test_a_client_that_hangs_up_ends_the_program_and_the_session(
+    login, make_service, login_account
+):
+    """As sshd: the client's connection drops while its program runs on a pty;
+    the program gets SIGHUP, and the session is closed once it has gone."""
+    name, password, script, markers = login_account
+    server, ssh = login(service=make_service(LOGIN_STACK.format(marker=script)))
+    process, _ = ssh.start(
+        name, [password], ("echo pid=$$; exec sleep 60",), "-tt", stdin=subprocess.PIPE
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("pid="), line + server.log.read_text()
+        pid = int(line.strip()[4:])
+        assert os.path.exists(f"/proc/{pid}")
+        process.kill()  # the client goes away without a word
+        process.wait(30)
+    finally:
+        process.kill()
+        process.wait()
+    lines = wait_for_lines(markers, 2)
+    assert [line.split()[0] for line in lines] == ["open_session", "close_session"]
+    assert not os.path.exists(f"/proc/{pid}")
+    assert "PAM handle of " + name + " ended" in server.wait_for_log(f"PAM handle of {name} ended")

@@ -191,6 +191,9 @@ class Transaction:
         self._last_status = _SUCCESS
         self._session_open = False
         self._credentials_established = False
+        # The last return code of each phase run on this handle: what
+        # pamphlet.process checks before it runs anything as the user.
+        self.results: dict[Phase, int] = {}
         self._caller: int | None = None  # the thread inside a libpam call, while one runs
         self._failure: BaseException | None = None
         self._held: HeldSignals | None = None  # while a call on the main thread holds them
@@ -299,8 +302,9 @@ class Transaction:
                     self._session_open = False
                 elif phase is _SETCRED and flags & _DELETE_CRED:
                     self._credentials_established = False
+                self.results[phase] = -1  # not done until it returns
                 code = transport.call(phase, flags)
-                self._last_status = code
+                self._last_status = self.results[phase] = code
                 # What libpam opened is remembered for end() even when the
                 # conversation failed during the phase.
                 if code == _SUCCESS:
@@ -311,6 +315,8 @@ class Transaction:
             finally:
                 failure = self._leave_call()
             if failure is not None or code != _SUCCESS:
+                if failure is not None:  # a phase that raised never counts as done
+                    self.results[phase] = int(ReturnCode.CONV_ERR)
                 self._raise_for(transport, code, failure)
 
     def get_user(self, prompt: str | None) -> str | None:

@@ -12,6 +12,11 @@ The operations and their flags are pamtester's (``authenticate``,
 ``authenticate(PAM_SILENT|PAM_DISALLOW_NULL_AUTHTOK)``), so a pamtester script
 ports by changing the command's name. Like pamtester, the command runs exactly
 the operations named, in order, and stops at the first that fails.
+
+``--exec -- CMD ARGS...`` after the operations (as root) runs CMD as the user
+inside the session, su's way: ``open_session`` (the last operation) then
+establishes credentials after initgroups and opens the session, CMD runs,
+the session is closed, and CMD's exit status is the command's.
 """
 
 from __future__ import annotations
@@ -256,6 +261,9 @@ class Terminal:
     def __init__(self, source: IO[str] | None, error: IO[str]) -> None:
         self.input = source
         self.error = error
+        # --exec: answers are read from the descriptor a byte at a time, so
+        # that what follows them stays there for the command.
+        self.unbuffered = False
 
     def _is_terminal(self) -> bool:
         try:
@@ -287,6 +295,12 @@ class Terminal:
     def _read_line(self) -> bytes:
         if self.input is None:
             return b""
+        if self.unbuffered:
+            descriptor = self.input.fileno()
+            line = b""
+            while not line.endswith(b"\n") and (byte := os.read(descriptor, 1)):
+                line += byte
+            return line
         buffer = getattr(self.input, "buffer", None)
         if buffer is not None:
             # Bytes, so that any answer reaches PAM as typed, in any encoding.
@@ -351,6 +365,8 @@ class Invocation:
     verbose: bool = False
     json: bool = False
     show_environment: bool = False
+    command: list[str] | None = None  # --exec: run as the user in the session
+    session_only: bool = False
 
 
 class _Runner:
@@ -361,6 +377,7 @@ class _Runner:
         self.stdout = stdout
         self.stderr = stderr
         self.terminal = Terminal(stdin, stderr)
+        self.session: Any = None  # the UserSession of --exec
 
     def say(self, text: str) -> None:
         self.stderr.write(f"pamphlet: {text}\n")
@@ -399,13 +416,37 @@ class _Runner:
             except (PamError, BrokerError) as error:
                 self.say(f"setting items and environment failed: {type(error).__name__}: {error}")
                 return EXIT_FAILURE
+            if invocation.command is not None:
+                from .process import UserSession
+
+                self.session = UserSession(app, session_only=invocation.session_only)
+                with contextlib.suppress(AttributeError, OSError, ValueError):
+                    self.terminal.input.fileno()  # type: ignore[union-attr] # None: no descriptor
+                    self.terminal.unbuffered = True
             for operation in invocation.operations:
                 if not self.perform(app, operation):
                     return EXIT_FAILURE
+            if invocation.command is not None:
+                return self.run_command(invocation.command)
         return 0
+
+    def run_command(self, command: list[str]) -> int:
+        """--exec: CMD as the user in the session; its exit status (128+N for signal N)."""
+        from .process import run_as_user
+
+        try:
+            result = run_as_user(self.session, command)
+        except OSError as error:
+            self.say(f"cannot run {command[0]}: {error.strerror}")
+            return 127 if error.errno == 2 else 126
+        if self.invocation.verbose:
+            self.say(f"{command[0]} exited with status {result.returncode}")
+        return result.returncode if result.returncode >= 0 else 128 - result.returncode
 
     def perform(self, app: _CommandLineApp, operation: Operation) -> bool:
         phase, success_text = _PHASES[operation.name]
+        if self.session is not None and operation.name == "open_session":
+            phase = self.open_user_session
         if self.invocation.verbose:
             self.say(f"performing operation - {operation.name}")
         app.shown = []
@@ -415,7 +456,7 @@ class _Runner:
             phase(app, operation.flags)
         except PamError as failure:
             error = failure
-        except BrokerError as refused:  # the broker's policy, not the PAM stack
+        except (BrokerError, RuntimeError) as refused:  # the broker's or --exec's refusal
             self.say(f"{operation.name} failed: {type(refused).__name__}: {refused}")
             return False
         environ = app.environ.copy()
@@ -438,6 +479,10 @@ class _Runner:
             shown = " ".join(f"{name}={value}" for name, value in sorted(environ.items()))
             self.say(f"PAM environment now: {shown or '(empty)'}")
         return True
+
+    def open_user_session(self, app: PamApplication, flags: int) -> None:
+        # --exec: initgroups, setcred(ESTABLISH), open_session, in su's order
+        self.session.open()
 
 
 def _record(
@@ -514,7 +559,8 @@ def _parser() -> _Parser:
             "'authenticate(PAM_SILENT|PAM_DISALLOW_NULL_AUTHTOK)'. "
             f"flags: {', '.join(FLAG_NAMES)}. items: {', '.join(ITEM_NAMES)}. "
             "Exit status: 0 when every operation succeeded, 1 when one failed, "
-            "2 for a bad command line."
+            "2 for a bad command line. After the operations, '--exec -- CMD ARGS' (as root) "
+            "runs CMD as the user in the session and exits with its status."
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print each step")
@@ -554,6 +600,12 @@ def _parser() -> _Parser:
         action="store_true",
         help="log in to a throwaway PAM service with a demo user (no root needed)",
     )
+    parser.add_argument(
+        "--session-only",
+        action="store_true",
+        help="--exec after open_session alone, as runuser (without it, authenticate and "
+        "acct_mgmt must have succeeded)",
+    )
     parser.add_argument("service", nargs="?", help="the PAM service, e.g. login")
     parser.add_argument("user", nargs="?", help="the user to operate on")
     parser.add_argument("operations", nargs="*", metavar="operation", help="what to run, in order")
@@ -589,6 +641,31 @@ def _invocation(arguments: argparse.Namespace) -> Invocation:
     )
 
 
+def _split_exec(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """The arguments before ``--exec``, and the command after it (``--`` dropped)."""
+    if "--exec" not in argv:
+        return argv, None
+    at = argv.index("--exec")
+    command = argv[at + 1 :]
+    return argv[:at], command[1:] if command[:1] == ["--"] else command
+
+
+def _add_exec(invocation: Invocation, command: list[str] | None, session_only: bool) -> None:
+    if command is None:
+        if session_only:
+            raise UsageError("--session-only goes with --exec")
+        return
+    if not command:
+        raise UsageError("--exec needs a command: --exec -- CMD ARGS")
+    names = [operation.name for operation in invocation.operations]
+    if names[-1:] != ["open_session"]:
+        raise UsageError("with --exec the last operation must be open_session: CMD runs inside it")
+    if invocation.broker is not None:
+        raise UsageError("--exec runs CMD here, as root: the broker starts no process as the user")
+    invocation.command = command
+    invocation.session_only = session_only
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -610,9 +687,11 @@ def main(
 
         return doctor_main(argv[1:], stdin=stdin, stdout=stdout, stderr=stderr)
     parser = _parser()
+    argv, command = _split_exec(argv)
     arguments = parser.parse_args(argv)
     try:
         invocation = _invocation(arguments)
+        _add_exec(invocation, command, arguments.session_only)
     except UsageError as error:
         parser.error(str(error))
     try:
