@@ -32,6 +32,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.debug import sensitive_post_parameters
 
+from ...broker.client import BrokerSteps as Stepwise
+from ...broker.client import Progress as Step
 from ...broker.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -39,7 +41,6 @@ from ...broker.errors import (
     Throttled,
     TokenUsed,
 )
-from ...broker.stepwise import Step, Stepwise
 from ...constants import Flag, Item, MessageStyle, Phase, ReturnCode
 from ...message import Message
 from .backends import PamBackend
