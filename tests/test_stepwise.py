@@ -439,3 +439,24 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_the_processes_of_a_site_share_one_count(tmp_path: Any) -> None:
+    # Two registries on one folder stand for two worker processes: a login
+    # started in one and finished in the other is counted once, not twice.
+    folder = str(tmp_path / "logins")
+    first: LoginRegistry[Login] = LoginRegistry(max_per_address=2, shared_dir=folder)
+    second: LoginRegistry[Login] = LoginRegistry(max_per_address=2, shared_dir=folder)
+    one = first.admit("192.0.2.1")
+    second.admit("192.0.2.1")
+    with pytest.raises(TooManyLogins):
+        first.admit("192.0.2.1")
+    assert one in second and second.count("192.0.2.1") == 2
+    second.answered(one)  # the next step was served by the other process
+    second.remove(one)  # and the login ended there
+    first.admit("192.0.2.1")  # its place is free in the first one too
+    open_folder = tmp_path / "open"
+    open_folder.mkdir(mode=0o777)
+    open_folder.chmod(0o777)
+    with pytest.raises(PermissionError):
+        LoginRegistry(shared_dir=str(open_folder))

@@ -28,7 +28,9 @@ import dataclasses
 import ipaddress
 import logging
 import math
+import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -822,11 +824,136 @@ def address_key(address: str | None) -> str:
 _L = TypeVar("_L", Login, AsyncLogin)
 
 
-@dataclasses.dataclass
-class _Entry(Generic[_L]):
-    address: str
-    deadline: float
-    login: _L | None = None
+class _Places:
+    """Where the registry counts its logins: (key -> address, deadline), in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[str, float]] = {}
+
+    def reserve(
+        self, key: str, address: str, now: float, deadline: float, limits: tuple[int, int]
+    ) -> None:
+        with self._lock:
+            _check_room(list(self._entries.items()), key, address, now, limits)
+            self._entries[key] = (address, deadline)
+
+    def extend(self, key: str, deadline: float) -> None:
+        with self._lock:
+            if key in self._entries:
+                self._entries[key] = (self._entries[key][0], deadline)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def take_expired(self, now: float) -> list[str]:
+        with self._lock:
+            gone = [k for k, (_, deadline) in self._entries.items() if deadline <= now]
+            for key in gone:
+                del self._entries[key]
+        return gone
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def addresses(self) -> list[str]:
+        return [address for address, _ in list(self._entries.values())]
+
+
+class SharedPlaces(_Places):
+    """The registry's count kept in a directory that every process of a site shares.
+
+    For a site of several processes (gunicorn ``--workers``) whose next
+    request may reach another process: a login started in one and finished
+    in another is counted once. One file per login; the directory must be
+    owned by this process's user and closed to others (it is made so).
+    Deadlines are wall-clock times here (``time.time``).
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.stat(path, follow_symlinks=False)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise PermissionError(
+                f"{path} must be a directory of uid {os.geteuid()} that others cannot enter "
+                "(it holds who is logging in from where)"
+            )
+        self.path = path
+
+    def _read(self) -> list[tuple[str, tuple[str, float]]]:
+        found = []
+        for name in os.listdir(self.path):
+            if name.startswith("."):
+                continue
+            try:
+                with open(os.path.join(self.path, name)) as file:
+                    address, deadline = file.read().rsplit(" ", 1)
+                found.append((name, (address, float(deadline))))
+            except (OSError, ValueError):
+                continue  # being written or removed by another process
+        return found
+
+    def _write(self, key: str, address: str, deadline: float) -> None:
+        temporary = os.path.join(self.path, f".{key}.{os.getpid()}")
+        with open(temporary, "w") as file:
+            file.write(f"{address} {deadline!r}")
+        os.replace(temporary, os.path.join(self.path, key))
+
+    def reserve(
+        self, key: str, address: str, now: float, deadline: float, limits: tuple[int, int]
+    ) -> None:
+        with self._lock:  # (processes may race here: each over by at most its one)
+            _check_room(self._read(), key, address, now, limits)
+            self._write(key, address, deadline)
+
+    def extend(self, key: str, deadline: float) -> None:
+        with self._lock:
+            entries = dict(self._read())
+            if key in entries:
+                self._write(key, entries[key][0], deadline)
+
+    def drop(self, key: str) -> None:
+        try:
+            os.unlink(os.path.join(self.path, key))
+        except FileNotFoundError:
+            pass
+
+    def take_expired(self, now: float) -> list[str]:
+        gone = []
+        for key, (_, deadline) in self._read():
+            if deadline <= now:
+                self.drop(key)
+                gone.append(key)
+        return gone
+
+    def __contains__(self, key: str) -> bool:
+        return os.path.exists(os.path.join(self.path, key))
+
+    def addresses(self) -> list[str]:
+        return [address for _, (address, _) in self._read()]
+
+
+def _check_room(
+    entries: list[tuple[str, tuple[str, float]]],
+    key: str,
+    address: str,
+    now: float,
+    limits: tuple[int, int],
+) -> None:
+    """Raise TooManyLogins when ``key`` from ``address`` would exceed the caps."""
+    max_logins, max_per_address = limits
+    # Expired entries do not count, whether or not a reaper has removed them yet.
+    others = [(a, d) for k, (a, d) in entries if k != key and d > now]
+    mine = [d for a, d in others if a == address]
+    if len(mine) >= max_per_address:
+        raise TooManyLogins(
+            f"{len(mine)} logins from {address} are in progress", _seconds(min(mine) - now)
+        )
+    if len(others) >= max_logins:
+        first = min(d for _, d in others)
+        raise TooManyLogins(f"{len(others)} logins are in progress", _seconds(first - now))
 
 
 class LoginRegistry(Generic[_L]):
@@ -834,7 +961,9 @@ class LoginRegistry(Generic[_L]):
 
     ``max_logins`` in all and ``max_per_address`` per client address (IPv6
     by /64) may be in progress; each lives ``timeout`` seconds after it
-    started or was last answered. Thread-safe.
+    started or was last answered. ``shared_dir`` keeps the count in a
+    directory that every process of a site shares (:class:`SharedPlaces`);
+    without it, each process counts its own. Thread-safe.
     """
 
     def __init__(
@@ -843,57 +972,51 @@ class LoginRegistry(Generic[_L]):
         max_logins: int = 256,
         max_per_address: int = 8,
         timeout: float = 120.0,
-        clock: Callable[[], float] = time.monotonic,
+        shared_dir: str | None = None,
     ) -> None:
         self.max_logins = max_logins
         self.max_per_address = max_per_address
         self.timeout = timeout
-        self._clock = clock
+        self._places: _Places = _Places() if shared_dir is None else SharedPlaces(shared_dir)
+        self._clock = time.monotonic if shared_dir is None else time.time
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry[_L]] = {}
+        self._logins: dict[str, _L] = {}
         self._stop = threading.Event()
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._places.addresses())
 
     def count(self, address: str | None) -> int:
+        """Logins in progress from ``address`` (its /64 for IPv6)."""
         key = address_key(address)
-        with self._lock:
-            return sum(1 for e in self._entries.values() if e.address == key)
+        return sum(1 for a in self._places.addresses() if a == key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._places
 
     def admit(self, address: str | None, key: str | None = None) -> str:
         """Reserve a place for a login from ``address``; its key. Raises TooManyLogins.
 
         Start the login after this and :meth:`attach` it, or :meth:`remove`
-        the key if it could not start.
+        the key if it could not start. A ``key`` already admitted keeps its
+        place (and gets a new deadline).
         """
         self.reap()
-        where = address_key(address)
-        with self._lock:
-            if self._closed:
-                raise TooManyLogins("the site is shutting down", 5)
-            now = self._clock()
-            mine = [e.deadline for e in self._entries.values() if e.address == where]
-            if len(mine) >= self.max_per_address:
-                raise TooManyLogins(
-                    f"{len(mine)} logins from {where} are in progress", _seconds(min(mine) - now)
-                )
-            if len(self._entries) >= self.max_logins:
-                first = min(e.deadline for e in self._entries.values())
-                raise TooManyLogins(
-                    f"{len(self._entries)} logins are in progress", _seconds(first - now)
-                )
-            key = key or secrets.token_urlsafe(24)
-            self._entries[key] = _Entry(where, now + self.timeout)
-            return key
+        if self._closed:
+            raise TooManyLogins("the site is shutting down", 5)
+        key = key or secrets.token_urlsafe(24)
+        now = self._clock()
+        limits = (self.max_logins, self.max_per_address)
+        self._places.reserve(key, address_key(address), now, now + self.timeout, limits)
+        return key
 
     def attach(self, key: str, login: _L) -> None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                entry.login = login
-                return
+        """Keep ``login`` under ``key`` (admitted before) in this process."""
+        if key in self._places and not self._closed:
+            with self._lock:
+                self._logins[key] = login
+            return
         login.abandon()  # reaped or closed meanwhile
 
     def start(self, address: str | None, begin: Callable[[], Login]) -> tuple[str, Login]:
@@ -921,18 +1044,14 @@ class LoginRegistry(Generic[_L]):
         return key, login
 
     def get(self, key: str | None) -> _L | None:
-        """The login of ``key``; reading it never extends its life."""
-        if key is None:
+        """The login of ``key`` in this process; reading it never extends its life."""
+        if key is None or key not in self._places:
             return None
-        entry = self._entries.get(key)
-        return None if entry is None else entry.login
+        return self._logins.get(key)
 
     def answered(self, key: str) -> None:
         """An answer came for ``key``: it lives ``timeout`` seconds from now."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                entry.deadline = self._clock() + self.timeout
+        self._places.extend(key, self._clock() + self.timeout)
 
     def answer(self, key: str, answers: Sequence[str]) -> Step | Outcome:
         """Answer the login of ``key`` (a Login); a decided one leaves the registry."""
@@ -960,23 +1079,22 @@ class LoginRegistry(Generic[_L]):
         """Forget ``key`` (its login is the caller's to end, if it is not over)."""
         if key is None:
             return None
+        self._places.drop(key)
         with self._lock:
-            entry = self._entries.pop(key, None)
-        return None if entry is None else entry.login
+            return self._logins.pop(key, None)
 
     def reap(self) -> int:
         """End every login past its time (without waiting); how many."""
-        now = self._clock()
+        expired = self._places.take_expired(self._clock())
         with self._lock:
-            expired = [k for k, e in self._entries.items() if e.deadline <= now]
-            gone = [self._entries.pop(k) for k in expired]
-        for entry in gone:
-            if entry.login is not None:
-                entry.login.abandon(EXPIRED)
-                log.info(
-                    "a login of %r from %s expired unanswered", entry.login.user, entry.address
-                )
-        return len(gone)
+            # Logins of this process whose place is gone (reaped by another
+            # process of the site, or here) are over too.
+            gone = [k for k in self._logins if k not in self._places]
+            logins = [self._logins.pop(k) for k in gone]
+        for login in logins:
+            login.abandon(EXPIRED)
+            log.info("a login of %r expired unanswered", login.user)
+        return len(expired)
 
     def run_reaper(self, interval: float = 5.0) -> threading.Thread:
         """Reap every ``interval`` seconds on a daemon thread, until :meth:`close`."""
@@ -996,17 +1114,17 @@ class LoginRegistry(Generic[_L]):
             self.reap()
 
     def close(self, timeout: float = 30.0) -> None:
-        """At shutdown: end every login in progress and wait for it (up to ``timeout``)."""
+        """At shutdown: end every login of this process and wait for it (up to ``timeout``)."""
         self._stop.set()
+        self._closed = True
         with self._lock:
-            self._closed = True
-            entries = list(self._entries.values())
-            self._entries.clear()
-        logins = [e.login for e in entries if e.login is not None]
-        for login in logins:
+            taken = list(self._logins.items())
+            self._logins.clear()
+        for key, login in taken:
+            self._places.drop(key)
             login.abandon(EXPIRED)
         deadline = time.monotonic() + timeout
-        for login in logins:
+        for _, login in taken:
             sync = login.login if isinstance(login, AsyncLogin) else login
             driver = sync._driver
             if isinstance(driver, _InProcess):
