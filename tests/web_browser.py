@@ -309,10 +309,10 @@ class FormClient:
         """Post ``fields`` with the last page's hidden fields."""
         return self.request("POST", path, {**self.hidden_fields(), **fields}, headers)
 
-    def notices(self) -> list[str]:
-        """The text of every element of class ``notice`` (or ``alert``) on the last page."""
+    def notices(self, css_class: str = "notice") -> list[str]:
+        """The text of every paragraph of class ``css_class`` on the last page."""
         found = re.findall(
-            r'<(?:p|div)[^>]*class="[^"]*(?:notice|alert)[^"]*"[^>]*>(.*?)</(?:p|div)>',
+            rf'<p[^>]*class="(?:[^"]*\s)?{re.escape(css_class)}(?:\s[^"]*)?"[^>]*>(.*?)</p>',
             self.text,
             re.S,
         )

@@ -41,7 +41,7 @@ from .application import ApplicationBase
 from .broker.client import BrokerSteps, Progress
 from .broker.errors import BrokerError, BrokerNotTrusted, BrokerUnavailable, ResumeRefused
 from .constants import Flag, Item, Phase, ReturnCode
-from .errors import ConversationStateError, PamError
+from .errors import ConversationStateError, PamError, pam_error
 from .message import Message
 
 __all__ = [
@@ -75,8 +75,8 @@ _ABORT = int(ReturnCode.ABORT)
 class LoginSequence:
     """Which phases a login runs, as data.
 
-    ``authenticate`` always; then ``acct_mgmt`` when ``check_account``; when
-    acct_mgmt says the password has expired (PAM_NEW_AUTHTOK_REQD) and
+    ``authenticate`` (unless ``authenticate`` is false); then ``acct_mgmt``
+    when ``check_account``; when acct_mgmt says the password has expired (PAM_NEW_AUTHTOK_REQD) and
     ``change_expired_password``, ``chauthtok(PAM_CHANGE_EXPIRED_AUTHTOK)`` on
     the same handle; with ``open_session``, ``setcred(PAM_ESTABLISH_CRED)``
     and ``open_session`` on success (the handle then stays until ``end()``).
@@ -85,11 +85,23 @@ class LoginSequence:
     check_account: bool = True
     change_expired_password: bool = True
     open_session: bool = False
+    #: False only for a handle that opens a session for a user authenticated
+    #: before (a JupyterHub spawn after a hub restart, as PAMAuthenticator does).
+    authenticate: bool = True
+    #: Keep the handle after a success without a session, for a session
+    #: opened later on it (:meth:`Login.open_session`, at a JupyterHub spawn).
+    keep_handle: bool = False
+
+    @property
+    def keeps_handle(self) -> bool:
+        return self.open_session or self.keep_handle
 
     def next_call(self, done: Phase | None, code: int) -> tuple[Phase, int] | None:
         """The phase (and flags) after ``done`` returned ``code``; None: decided."""
         if done is None:
-            return Phase.AUTHENTICATE, 0
+            if self.authenticate:
+                return Phase.AUTHENTICATE, 0
+            return self.next_call(Phase.AUTHENTICATE, _SUCCESS)
         if done is Phase.ACCT_MGMT and code == _NEW_AUTHTOK_REQD and self.change_expired_password:
             return Phase.CHAUTHTOK, int(Flag.CHANGE_EXPIRED_AUTHTOK)
         if code != _SUCCESS:
@@ -149,6 +161,15 @@ def _failure_text(done: Phase | None, code: int, strerror: str) -> str:
     if done is Phase.CHAUTHTOK:
         return f"Your password was not changed: {strerror}"
     return SESSION_FAILED
+
+
+def _outside_the_login(messages: list[Message], user: str | None) -> list[str | None]:
+    """A conversation after the login (a session opened later): nobody can answer."""
+    for message in messages:
+        if message.is_prompt:
+            raise ConversationStateError(f"nobody can answer {str(message)!r} after the login")
+        log.info("PAM said to %r after the login: %s", user, message)
+    return [None] * len(messages)
 
 
 def _split(messages: Sequence[Message]) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
@@ -310,8 +331,8 @@ class _InProcess:
                 notices, self._notices = self._notices, []
             if code != _SUCCESS or record.reason is not None:
                 return record.verdict(code, strerror, notices)
-            keep = record.sequence.open_session
-            environ = dict(self.app.environ) if keep else {}
+            keep = record.sequence.keeps_handle
+            environ = dict(self.app.environ) if record.sequence.open_session else {}
             return record.verdict(code, "", notices, user=self.app.user, environ=environ)
         finally:
             if not keep:
@@ -333,6 +354,8 @@ class _InProcess:
         self.state.notify_all()
 
     def converse(self, messages: list[Message]) -> list[str | None]:
+        if not self.thread.on_phase_thread():
+            return _outside_the_login(messages, self.record.user)
         if not any(m.is_prompt for m in messages):
             with self.state:
                 self._notices.extend(messages)
@@ -387,6 +410,10 @@ class _InProcess:
         with self.state:
             return self.state.wait_for(lambda: self.outcome is not None, timeout)
 
+    def run_later(self, phase: Phase, flags: int) -> None:
+        """A phase on the kept handle after the login (nobody answers its questions)."""
+        self.app._transaction.run(phase, flags)
+
     def end(self) -> None:
         if self.outcome is None:
             self.release(EXPIRED if self.record.reason is None else self.record.reason)
@@ -411,6 +438,7 @@ class _Broker:
         self.notices: list[Message] = []
         self.step: Step | None = None
         self.outcome: Outcome | None = None
+        self.session_open = False
 
     def run(self, items: dict[Item, str]) -> Step | Outcome:
         try:
@@ -457,7 +485,8 @@ class _Broker:
             return self.outcome
         user = steps.get_item(Item.USER)
         self.outcome = record.verdict(code, "", notices, user=user)
-        if not record.sequence.open_session:
+        self.session_open = record.sequence.open_session
+        if not record.sequence.keeps_handle:
             steps.end(_SUCCESS)
         return self.outcome
 
@@ -497,7 +526,7 @@ class _Broker:
         if self.outcome is None and self.record.reason is None:
             self.record.reason = EXPIRED
         success = self.outcome is not None and self.outcome.success
-        if success and self.record.sequence.open_session and not self.steps.closed:
+        if success and self.session_open and not self.steps.closed:
             # The worker's pam_end does not close what is open: a logout does.
             for phase, flags in ((Phase.CLOSE_SESSION, 0), (Phase.SETCRED, int(Flag.DELETE_CRED))):
                 try:
@@ -506,6 +535,20 @@ class _Broker:
                 except (BrokerError, RuntimeError) as error:
                     log.warning("%s of %r failed: %s", phase.value, self.record.user, error)
         self.steps.end(_SUCCESS if success else _ABORT)
+
+    def run_later(self, phase: Phase, flags: int) -> None:
+        """A phase on the kept handle after the login (nobody answers its questions)."""
+        progress = self.steps.call(phase, flags)
+        for message in progress.messages:
+            if not message.is_prompt:
+                log.info("PAM said to %r after the login: %s", self.record.user, message)
+        if progress.waiting is not None:
+            progress = self.steps.cancel()
+        code = progress.code if progress.code is not None else int(ReturnCode.CONV_ERR)
+        if code != _SUCCESS:
+            raise pam_error(code, self.steps.strerror(code))
+        if phase is Phase.OPEN_SESSION:
+            self.session_open = True
 
     @property
     def ended(self) -> bool:
@@ -701,6 +744,24 @@ class Login:
             else:
                 self.outcome = driver.record.broken(BrokerError("ended"), ())
 
+    def open_session(self, *, credentials: bool = True) -> None:
+        """Open a session on the handle of a successful login whose sequence kept it
+        (``keep_handle``); :meth:`end` closes it. ``credentials``: establish
+        them first (pam_setcred), which a server that must not change its own
+        process (pam_group) leaves off. A module that asks something now gets
+        no answer. Raises the PamError of a failure."""
+        driver = self._driver
+        if driver is None or self.outcome is None or not self.outcome.success:
+            raise ConversationStateError(
+                "only a successful login has a handle to open a session on"
+            )
+        if not driver.record.sequence.keeps_handle or driver.ended:
+            raise ConversationStateError("this login's handle was not kept (keep_handle=False)")
+        with self._lock:
+            if credentials:
+                driver.run_later(Phase.SETCRED, int(Flag.ESTABLISH_CRED))
+            driver.run_later(Phase.OPEN_SESSION, 0)
+
     @property
     def ended(self) -> bool:
         """Whether the handle is gone (failed, or ended)."""
@@ -788,6 +849,9 @@ class AsyncLogin:
 
     def abandon(self, reason: str = EXPIRED) -> None:
         self.login.abandon(reason)
+
+    async def open_session(self, *, credentials: bool = True) -> None:
+        await _off_the_loop(lambda: self.login.open_session(credentials=credentials))
 
     async def end(self) -> None:
         await _off_the_loop(self.login.end)
@@ -1083,18 +1147,21 @@ class LoginRegistry(Generic[_L]):
         with self._lock:
             return self._logins.pop(key, None)
 
-    def reap(self) -> int:
-        """End every login past its time (without waiting); how many."""
-        expired = self._places.take_expired(self._clock())
+    def reap(self) -> list[tuple[str, _L | None]]:
+        """End every login past its time (without waiting); the (key, login) pairs ended."""
+        expired: set[str] = set(self._places.take_expired(self._clock()))
         with self._lock:
             # Logins of this process whose place is gone (reaped by another
             # process of the site, or here) are over too.
             gone = [k for k in self._logins if k not in self._places]
-            logins = [self._logins.pop(k) for k in gone]
-        for login in logins:
-            login.abandon(EXPIRED)
-            log.info("a login of %r expired unanswered", login.user)
-        return len(expired)
+            ended: list[tuple[str, _L | None]] = [(k, self._logins.pop(k)) for k in gone]
+        for _, login in ended:
+            if login is not None:
+                login.abandon(EXPIRED)
+                log.info("a login of %r expired unanswered", login.user)
+        seen: set[str] = {key for key, _ in ended}
+        ended.extend((key, None) for key in expired - seen)
+        return ended
 
     def run_reaper(self, interval: float = 5.0) -> threading.Thread:
         """Reap every ``interval`` seconds on a daemon thread, until :meth:`close`."""
