@@ -71,6 +71,10 @@ class Stacks:
                 f"auth required {db('expired')}\naccount required pam_stress.so expired\n"
                 f"password required {db('expired')}\n"
             ),
+            "slow": (
+                "auth optional pam_faildelay.so delay=1000000\n"
+                f"auth required {db('slow')}\naccount required {db('slow')}\n"
+            ),
             "info": (
                 "auth required pam_echo.so Welcome, %u from %H.\nauth required pam_permit.so\n"
                 "account required pam_permit.so\n"
@@ -87,7 +91,7 @@ class Stacks:
 
     def reset_passwords(self) -> None:
         # One passdb per service: pam_matrix reads a user's first line only.
-        for service in ("pw", "otp", "expired", "session"):
+        for service in ("pw", "otp", "expired", "session", "slow"):
             (self.folder / f"passdb-{service}").write_text(
                 "".join(f"{user}:{password}:{service}\n" for user, password in USERS.items())
             )
@@ -111,7 +115,7 @@ def stacks() -> Iterator[Stacks]:
 POLICY = """\
 [[allow]]
 users = ["root"]
-services = ["pw", "otp", "expired", "info", "session"]
+services = ["pw", "otp", "expired", "info", "session", "slow"]
 phases = ["authenticate", "acct_mgmt", "chauthtok", "setcred", "open_session", "close_session"]
 
 [limits]
@@ -319,6 +323,32 @@ def test_a_detached_login_is_resumed_in_another_process(broker: Broker) -> None:
     assert "TokenUsed" in again.outcome.detail
     (line,) = broker.audit_lines(f"user={user}", "rhost=192.0.2.9", "outcome=success")
     assert "phases=authenticate:0,acct_mgmt:0" in line
+
+
+def test_a_failures_delay_is_awaited_on_the_loop_and_holds_no_thread(stacks: Stacks) -> None:
+    # pam_faildelay asks for a second after a failure: in-process, libpam's
+    # sleep is routed to the caller, and AsyncLogin awaits it on the loop
+    # after the phase's thread has gone.
+    async def main() -> tuple[float, int, Outcome]:
+        login = await AsyncLogin.start("slow", "bob", confdir=str(stacks.confdir))
+        baseline = settled_thread_count()
+        started = time.monotonic()
+        answering = asyncio.ensure_future(login.answer(["wrong"]))
+        await asyncio.sleep(0.4)  # inside the delay: the phase is over
+        during = thread_count() - (baseline - 1)  # (the phase thread waited before)
+        outcome = await answering
+        assert isinstance(outcome, Outcome)
+        return time.monotonic() - started, during, outcome
+
+    elapsed, during, outcome = asyncio.run(main())
+    assert not outcome.success and outcome.message == LOGIN_INCORRECT
+    assert elapsed >= 0.5  # libpam draws 0.5 to 1.5 times what was asked
+    assert during <= 0, "a thread was held during the delay"
+    # The sync face sleeps it, as libpam would have.
+    login = Login.start("slow", "bob", confdir=str(stacks.confdir))
+    started = time.monotonic()
+    assert not login.answer(["wrong"]).success  # type: ignore[union-attr]
+    assert time.monotonic() - started >= 0.5
 
 
 # -- the registry ------------------------------------------------------------------------

@@ -270,6 +270,9 @@ class _StepApplication(ApplicationBase):
     def _answer(self, messages: list[Message]) -> Any:
         return self._driver.converse(messages)
 
+    def _on_fail_delay(self, status: int, delay_usec: int) -> None:
+        self._driver.note_delay(status, delay_usec)
+
 
 class _InProcess:
     """The login sequence on a phase thread of its own, waiting inside libpam."""
@@ -292,6 +295,13 @@ class _InProcess:
         except BaseException:
             self.app._transaction.end(close=False, converse=False)
             raise
+        # libpam's failure delay comes here instead of sleeping in libpam: the
+        # last phase's delay is waited out by whoever waits for the outcome
+        # (on the event loop for AsyncLogin), after the phase thread is gone.
+        self._delay: tuple[float, float] | None = None  # (when asked, seconds)
+        #: When the outcome may be shown (monotonic), after a failure's delay.
+        self.delay_until = 0.0
+        self.app._transaction.set_fail_delay(True)
         guard = self.app._transaction.guard
         assert isinstance(guard, HandleGuard)
         self.thread = PhaseThread(guard)
@@ -327,6 +337,13 @@ class _InProcess:
                 except PamError as error:
                     code, strerror = int(error.code), error.strerror
                 record.ran(phase, code)
+                delay, self._delay = self._delay, None
+                if delay is not None:
+                    until = delay[0] + delay[1]
+                    if record.sequence.next_call(phase, code) is None:
+                        self.delay_until = until  # the caller waits, not this thread
+                    else:
+                        time.sleep(max(0.0, until - time.monotonic()))
             with self.state:
                 notices, self._notices = self._notices, []
             if code != _SUCCESS or record.reason is not None:
@@ -413,6 +430,13 @@ class _InProcess:
     def run_later(self, phase: Phase, flags: int) -> None:
         """A phase on the kept handle after the login (nobody answers its questions)."""
         self.app._transaction.run(phase, flags)
+
+    def note_delay(self, status: int, delay_usec: int) -> None:
+        if status != _SUCCESS and delay_usec > 0:
+            self._delay = (time.monotonic(), delay_usec / 1_000_000)
+
+    def remaining_delay(self) -> float:
+        return max(0.0, self.delay_until - time.monotonic())
 
     def end(self) -> None:
         if self.outcome is None:
@@ -593,6 +617,34 @@ class Login:
         to start (pam_start, the broker's refusal, a user name with a NUL) is
         an outcome, not an exception.
         """
+        login = cls._begin(
+            service,
+            user,
+            sequence=sequence,
+            rhost=rhost,
+            tty=tty,
+            confdir=confdir,
+            broker=broker,
+            broker_uid=broker_uid,
+            encoding=encoding,
+        )
+        time.sleep(login.remaining_delay())
+        return login
+
+    @classmethod
+    def _begin(
+        cls,
+        service: str,
+        user: str | None,
+        *,
+        sequence: LoginSequence = LoginSequence(),
+        rhost: str | None = None,
+        tty: str | None = None,
+        confdir: str | None = None,
+        broker: str | None = None,
+        broker_uid: int | None = None,
+        encoding: str = "utf-8",
+    ) -> Login:
         record = _Recorder(sequence, user, rhost)
         items = {k: v for k, v in ((Item.RHOST, rhost), (Item.TTY, tty)) if v is not None}
         if broker is not None:
@@ -672,8 +724,21 @@ class Login:
             self.outcome = result if isinstance(result, Outcome) else None
             return result
 
+    def remaining_delay(self) -> float:
+        """Seconds of libpam's failure delay still to wait before the outcome is shown."""
+        driver = self._driver
+        return driver.remaining_delay() if isinstance(driver, _InProcess) else 0.0
+
     def answer(self, answers: Sequence[str]) -> Step | Outcome:
-        """Answer the step's prompts, one answer each, in order; the next step or the outcome."""
+        """Answer the step's prompts, one answer each, in order; the next step or the outcome.
+
+        A failure's outcome comes after the delay the stack asked for (pam_unix,
+        pam_faildelay), as libpam would have slept it."""
+        result = self._answer(answers)
+        time.sleep(self.remaining_delay())
+        return result
+
+    def _answer(self, answers: Sequence[str]) -> Step | Outcome:
         if isinstance(answers, str):
             raise TypeError("answer() takes a list of answers, one per prompt, not a string")
         return self._drive(lambda: self._driver.answer(answers))
@@ -816,7 +881,9 @@ class AsyncLogin:
     @classmethod
     async def start(cls, service: str, user: str | None, **kwargs: Any) -> AsyncLogin:
         """As :meth:`Login.start` (same keywords)."""
-        return cls(await _off_the_loop(lambda: Login.start(service, user, **kwargs)))
+        login = cls(await _off_the_loop(lambda: Login._begin(service, user, **kwargs)))
+        await asyncio.sleep(login.login.remaining_delay())
+        return login
 
     @classmethod
     async def resume(cls, broker: str, state: dict[str, Any], **kwargs: Any) -> AsyncLogin:
@@ -839,7 +906,10 @@ class AsyncLogin:
         return self.login.user
 
     async def answer(self, answers: Sequence[str]) -> Step | Outcome:
-        return await _off_the_loop(lambda: self.login.answer(answers))
+        """As :meth:`Login.answer`; a failure's delay is awaited on the loop, no thread held."""
+        result = await _off_the_loop(lambda: self.login._answer(answers))
+        await asyncio.sleep(self.login.remaining_delay())
+        return result
 
     async def cancel(self) -> Outcome:
         return await _off_the_loop(self.login.cancel)
