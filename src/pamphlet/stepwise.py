@@ -935,9 +935,11 @@ class TooManyLogins(Exception):
 
     status = 503
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int, *, per_address: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        #: Whether the client's own address (or /64) is over its share, not the site.
+        self.per_address = per_address
 
 
 def address_key(address: str | None) -> str:
@@ -1083,7 +1085,9 @@ def _check_room(
     mine = [d for a, d in others if a == address]
     if len(mine) >= max_per_address:
         raise TooManyLogins(
-            f"{len(mine)} logins from {address} are in progress", _seconds(min(mine) - now)
+            f"{len(mine)} logins from {address} are in progress",
+            _seconds(min(mine) - now),
+            per_address=True,
         )
     if len(others) >= max_logins:
         first = min(d for _, d in others)
