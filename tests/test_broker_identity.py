@@ -148,24 +148,20 @@ def test_every_way_in_refuses_it(liar: Liar) -> None:
     assert liar.received() == 0
 
 
-def test_the_cli_exits_non_zero(liar: Liar) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pamphlet",
-            "--broker",
-            liar.socket,
-            "login",
-            "root",
-            "authenticate",
-            "acct_mgmt",
-        ],
-        input="wrong\n",
+def cli(*arguments: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pamphlet", *arguments],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
         env=dict(os.environ, PYTHONPATH=str(SRC)),
+    )
+
+
+def test_the_cli_exits_non_zero(liar: Liar) -> None:
+    proc = cli(
+        "--broker", liar.socket, "login", "root", "authenticate", "acct_mgmt", stdin="wrong\n"
     )
     assert proc.returncode == 1, proc
     assert "BrokerNotTrusted" in proc.stderr and f"uid {NOBODY}" in proc.stderr
@@ -182,23 +178,8 @@ def test_broker_uid_names_a_broker_that_is_not_root(liar: Liar) -> None:
     assert steps.call(Phase.AUTHENTICATE).code == 0
     steps.end()
     assert liar.received() > 0
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pamphlet",
-            "--broker",
-            liar.socket,
-            "--broker-uid",
-            str(NOBODY),
-            "login",
-            "root",
-            "authenticate",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, PYTHONPATH=str(SRC)),
+    proc = cli(
+        "--broker", liar.socket, "--broker-uid", str(NOBODY), "login", "root", "authenticate"
     )
     assert proc.returncode == 0, proc
     assert liar.received() > 0

@@ -385,15 +385,19 @@ def test_caps_in_total_and_per_address_leave_room_for_others(stacks: Stacks) -> 
         registry.close()
 
 
+def where_for(transport: str, stacks: Stacks, request: Any) -> tuple[dict[str, Any], Any]:
+    """Login.start's keywords for ``transport``, and the broker (or None)."""
+    if transport == "broker":
+        broker = request.getfixturevalue("broker")
+        return {"broker": broker.socket}, broker
+    return {"confdir": str(stacks.confdir)}, None
+
+
 @pytest.mark.parametrize("transport", ["in-process", "broker"])
 def test_only_an_answer_extends_a_login_and_expiry_ends_it(
     transport: str, stacks: Stacks, request: Any
 ) -> None:
-    where: dict[str, Any] = (
-        {"broker": request.getfixturevalue("broker").socket}
-        if transport == "broker"
-        else {"confdir": str(stacks.confdir)}
-    )
+    where, _ = where_for(transport, stacks, request)
     baseline = settled_thread_count()
     registry: LoginRegistry[Login] = LoginRegistry(timeout=1.0)
     try:
@@ -425,10 +429,7 @@ def test_only_an_answer_extends_a_login_and_expiry_ends_it(
 def test_shutdown_ends_every_login_in_progress(
     transport: str, stacks: Stacks, request: Any
 ) -> None:
-    broker: Broker | None = request.getfixturevalue("broker") if transport == "broker" else None
-    where: dict[str, Any] = (
-        {"broker": broker.socket} if broker is not None else {"confdir": str(stacks.confdir)}
-    )
+    where, broker = where_for(transport, stacks, request)
     baseline = settled_thread_count()
     workers = None if broker is None else len(broker.children())
     before = len(stacks.markers())

@@ -617,34 +617,25 @@ class Login:
         to start (pam_start, the broker's refusal, a user name with a NUL) is
         an outcome, not an exception.
         """
-        login = cls._begin(
-            service,
-            user,
-            sequence=sequence,
-            rhost=rhost,
-            tty=tty,
-            confdir=confdir,
-            broker=broker,
-            broker_uid=broker_uid,
-            encoding=encoding,
-        )
+        options: dict[str, Any] = dict(sequence=sequence, rhost=rhost, tty=tty, confdir=confdir)
+        options.update(broker=broker, broker_uid=broker_uid, encoding=encoding)
+        login = cls._begin(service, user, options)
         time.sleep(login.remaining_delay())
         return login
 
     @classmethod
-    def _begin(
-        cls,
-        service: str,
-        user: str | None,
-        *,
-        sequence: LoginSequence = LoginSequence(),
-        rhost: str | None = None,
-        tty: str | None = None,
-        confdir: str | None = None,
-        broker: str | None = None,
-        broker_uid: int | None = None,
-        encoding: str = "utf-8",
-    ) -> Login:
+    def _begin(cls, service: str, user: str | None, options: dict[str, Any]) -> Login:
+        """:meth:`start` without waiting out a failure's delay (AsyncLogin awaits it)."""
+        unknown = sorted(set(options) - _START_OPTIONS)
+        if unknown:
+            raise TypeError(f"Login.start() got an unexpected keyword argument {unknown[0]!r}")
+        sequence: LoginSequence = options.get("sequence") or LoginSequence()
+        rhost: str | None = options.get("rhost")
+        tty: str | None = options.get("tty")
+        confdir: str | None = options.get("confdir")
+        broker: str | None = options.get("broker")
+        broker_uid: int | None = options.get("broker_uid")
+        encoding: str = options.get("encoding") or "utf-8"
         record = _Recorder(sequence, user, rhost)
         items = {k: v for k, v in ((Item.RHOST, rhost), (Item.TTY, tty)) if v is not None}
         if broker is not None:
@@ -881,7 +872,7 @@ class AsyncLogin:
     @classmethod
     async def start(cls, service: str, user: str | None, **kwargs: Any) -> AsyncLogin:
         """As :meth:`Login.start` (same keywords)."""
-        login = cls(await _off_the_loop(lambda: Login._begin(service, user, **kwargs)))
+        login = cls(await _off_the_loop(lambda: Login._begin(service, user, kwargs)))
         await asyncio.sleep(login.login.remaining_delay())
         return login
 
@@ -958,6 +949,10 @@ def address_key(address: str | None) -> str:
 
 
 _L = TypeVar("_L", Login, AsyncLogin)
+
+_START_OPTIONS = frozenset(
+    {"sequence", "rhost", "tty", "confdir", "broker", "broker_uid", "encoding"}
+)
 
 
 class _Places:
