@@ -48,7 +48,6 @@ from pamphlet.stepwise import (
     LoginSequence,
     Outcome,
     TooManyLogins,
-    address_key,
 )
 
 from . import pages
@@ -486,7 +485,8 @@ class WebLogin:
         for old in replaced:
             self._spend_id(old)
             self._leave_flight(old)
-        address = address_key(request.remote)
+        # The client's own address: PAM_RHOST, and (by its /64 for IPv6) the cap's count.
+        address = request.remote or ""
         key = self._admit(address)
         visit = Visit(sid, username, address, key)
         self._in_flight[key] = visit
