@@ -156,13 +156,15 @@ class PamLoginView(View):
             return self._render_step(
                 request, state, [_error("That page was out of date; here is the current step.")]
             )
-        # A login of this session that another process started counts here too.
+        # The site's processes share the registry's count: a key that is gone
+        # expired (LOGIN_TIMEOUT after its last answer), whatever the broker's
+        # detach_timeout would still allow.
         key = state["key"]
         if key not in registry():
-            try:
-                registry().admit(_address(request), key=key)
-            except TooManyLogins as refused:
-                return self._too_many(request, refused)
+            self._abandon(request, cfg, state)
+            return self._render_start(
+                request, [_error("This login waited too long and has ended. Start again.")]
+            )
         count = len(state["login"]["prompts"])
         answers = [request.POST.get(f"answer-{i}", "") for i in range(count)]
         login = Login.resume(
