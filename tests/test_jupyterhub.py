@@ -35,10 +35,12 @@ import subprocess
 import sys
 import time
 import tomllib
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from selenium.webdriver.common.by import By
@@ -475,6 +477,48 @@ def test_forwarded_headers_straight_to_the_hub_do_not_reach_pam(hub: Hub) -> Non
     client.post("/hub/login", {"username": "daemon", "password": PASSWORDS["daemon"]}, forged)
     assert "daemon 127.0.0.6" in hub.seen_rhosts()
     assert not any("203.0.113" in line for line in hub.seen_rhosts()), hub.seen_rhosts()
+
+
+def test_which_address_counts() -> None:
+    """PAM_RHOST believes X-Forwarded-For only from a trusted proxy; the cap counts the
+    proxy's last entry even from an untrusted one (a local proxy nobody declared)."""
+    from tornado.httputil import HTTPHeaders
+
+    from pamphlet.contrib.jupyterhub.authenticator import client_addresses
+
+    def request(peer: str, forwarded: str | None) -> Any:
+        headers = HTTPHeaders({"X-Forwarded-For": forwarded} if forwarded else {})
+        context = types.SimpleNamespace(address=(peer, 40000))
+        return types.SimpleNamespace(
+            connection=types.SimpleNamespace(context=context), headers=headers
+        )
+
+    chain = "203.0.113.9, 198.51.100.2"
+    assert client_addresses(request("127.0.0.1", chain), set()) == ("127.0.0.1", "198.51.100.2")
+    assert client_addresses(request("127.0.0.1", None), set()) == ("127.0.0.1", "127.0.0.1")
+    trusted = {"127.0.0.1", "10.0.0.0/8"}
+    assert client_addresses(request("127.0.0.1", chain), trusted) == (
+        "198.51.100.2",
+        "198.51.100.2",
+    )
+    # The client forged the left part; the proxy appended what it saw.
+    assert client_addresses(request("127.0.0.1", "203.0.113.9, 127.0.0.5"), trusted) == (
+        "127.0.0.5",
+        "127.0.0.5",
+    )
+    # Two trusted proxies in a row: the first untrusted hop is the client.
+    assert client_addresses(request("127.0.0.1", "198.51.100.7, 10.1.2.3"), trusted) == (
+        "198.51.100.7",
+        "198.51.100.7",
+    )
+    assert client_addresses(request("192.0.2.50", chain), trusted) == (
+        "192.0.2.50",
+        "198.51.100.2",
+    )
+    assert client_addresses(request("127.0.0.1", "garbage"), trusted) == (
+        "127.0.0.1",
+        "127.0.0.1",
+    )
 
 
 def start_anonymously(url: str, source: str, user: str) -> FormClient:

@@ -36,7 +36,7 @@ from ...stepwise import (
 )
 from ._templates import TEMPLATES
 
-__all__ = ["PamphletAuthenticator", "PamphletLoginHandler", "client_address"]
+__all__ = ["PamphletAuthenticator", "PamphletLoginHandler", "client_addresses"]
 
 #: The cookie that binds a browser to its sign-in in progress.
 FLOW_COOKIE = "pamphlet-signin"
@@ -244,9 +244,9 @@ class PamphletLoginHandler(LoginHandler):  # type: ignore[misc]  # JupyterHub is
             if not username:
                 await self._page(notices=[error("Please enter a user name.")], status=403)
                 return
-            address = client_address(self.request, self.pam.trusted_proxy_ips)
+            address, counted = client_addresses(self.request, self.pam.trusted_proxy_ips)
             try:
-                sid = self.pam.start(username, password, rhost=address)
+                sid = self.pam.start(username, password, rhost=address, counted_as=counted)
             except TooManyLogins as refused:
                 self.pam.log.warning("a sign-in from %s was refused: %s", address, refused)
                 self._clear_flow_cookie()
@@ -309,14 +309,25 @@ class PamphletLoginHandler(LoginHandler):  # type: ignore[misc]  # JupyterHub is
             self.redirect(next_url)
 
 
-def client_address(request: HTTPServerRequest, trusted_proxies: Sequence[str] | set[str]) -> str:
-    """The client's address for PAM_RHOST and the per-address cap.
+def client_addresses(
+    request: HTTPServerRequest, trusted_proxies: Sequence[str] | set[str]
+) -> tuple[str, str]:
+    """(the client's address for PAM_RHOST, the address the per-address cap counts).
 
-    The peer of the connection, unless it is one of ``trusted_proxies``
-    (addresses or networks): then the last ``X-Forwarded-For`` entry that is
-    not a trusted proxy. Tornado's ``remote_ip`` (with JupyterHub's
-    ``xheaders=True``) believes ``X-Real-Ip`` and ``X-Forwarded-For`` from
-    anyone who reaches the hub's port; this does not.
+    PAM_RHOST is the peer of the connection, unless the peer is one of
+    ``trusted_proxies`` (addresses or networks): then the last
+    ``X-Forwarded-For`` entry that is not a trusted proxy. Tornado's
+    ``remote_ip`` (with JupyterHub's ``xheaders=True``) believes
+    ``X-Real-Ip`` and ``X-Forwarded-For`` from anyone who reaches the hub's
+    port; this does not.
+
+    The cap counts the same address, except behind a proxy nobody declared
+    trusted: then the last ``X-Forwarded-For`` entry, which
+    configurable-http-proxy appends with the address it saw. Otherwise every
+    sign-in through a local proxy would share one address, and one client
+    would fill its share for all. A header forged straight to the hub's port
+    (only local accounts reach it) can spend another address's share, never
+    more than the total cap, and never reaches PAM.
     """
     context = getattr(request.connection, "context", None)
     address = getattr(context, "address", None)
@@ -330,26 +341,31 @@ def client_address(request: HTTPServerRequest, trusted_proxies: Sequence[str] | 
         except ValueError:
             continue
 
-    def trusted(candidate: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(candidate)
-        except ValueError:
-            return False
-        return any(ip in network for network in networks)
-
-    if not trusted(peer):
-        return peer
-    client = peer
-    for candidate in reversed((request.headers.get("X-Forwarded-For") or "").split(",")):
-        candidate = candidate.strip()
+    def valid(candidate: str) -> bool:
         try:
             ipaddress.ip_address(candidate)
         except ValueError:
+            return False
+        return True
+
+    def trusted(candidate: str) -> bool:
+        return valid(candidate) and any(
+            ipaddress.ip_address(candidate) in network for network in networks
+        )
+
+    hops = [hop.strip() for hop in (request.headers.get("X-Forwarded-For") or "").split(",")]
+    hops = [hop for hop in hops if hop]
+    if not trusted(peer):
+        last = hops[-1] if hops and valid(hops[-1]) else peer
+        return peer, last
+    client = peer
+    for candidate in reversed(hops):
+        if not valid(candidate):
             break  # garbage: the last good hop stands
         client = candidate
         if not trusted(candidate):
             break
-    return client
+    return client, client
 
 
 class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # JupyterHub is untyped
@@ -585,13 +601,17 @@ class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # Jupyte
         except KeyError:  # pam_normalize_username and no such account
             return False
 
-    def start(self, username: str, password: str | None, *, rhost: str) -> str:
-        """Start the PAM conversation of one browser; its id. Raises TooManyLogins."""
+    def start(
+        self, username: str, password: str | None, *, rhost: str, counted_as: str | None = None
+    ) -> str:
+        """Start the PAM conversation of one browser; its id. Raises TooManyLogins.
+
+        ``counted_as``: the address the per-address cap counts (``rhost`` by default)."""
         try:
             name = self.normalize_username(username)
         except KeyError:
             name = username  # PAM will refuse it, with the same words as any refusal
-        sid = self.registry.admit(rhost)
+        sid = self.registry.admit(counted_as or rhost)
         sequence = LoginSequence(
             check_account=self.check_account,
             change_expired_password=True,
