@@ -29,7 +29,7 @@ from broker_harness import (
     start_frame,
 )
 from pamphlet.broker import TokenExpired, TokenInvalid, TokenPeerMismatch, TokenUsed, WorkerDied
-from pamphlet.broker.stepwise import Stepwise
+from pamphlet.broker.client import BrokerSteps as Stepwise
 from pamphlet.constants import Phase
 
 pytestmark = pytest.mark.root
@@ -88,7 +88,7 @@ def detached_at_password(broker: Broker, user: str = "bob") -> str:
 
 RESUME = """\
 import json, sys
-from pamphlet.broker.stepwise import Stepwise
+from pamphlet.broker.client import BrokerSteps as Stepwise
 from pamphlet.constants import Phase
 try:
     login = Stepwise.resume(sys.argv[1], sys.argv[2])
@@ -189,7 +189,7 @@ def test_another_uid_is_refused_and_the_token_is_burnt(broker: Broker, source: A
         source,
         f"""\
         import json
-        from pamphlet.broker.stepwise import Stepwise
+        from pamphlet.broker.client import BrokerSteps as Stepwise
         try:
             Stepwise.resume({broker.socket!r}, {token!r})
             print(json.dumps({{"refused": None}}))

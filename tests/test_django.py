@@ -35,7 +35,7 @@ from selenium.webdriver.common.by import By
 
 import web_browser
 from broker_harness import SRC, Broker, public_dir
-from web_browser import Browser, wait_until
+from web_browser import Browser, FormClient, wait_until
 
 pytestmark = pytest.mark.root  # system users, a root broker
 
@@ -64,6 +64,7 @@ POLICY = """\
 [[allow]]
 users = ["root"]
 services = ["django"]
+max_in_flight = 12
 
 [limits]
 detach_timeout = 120
@@ -532,7 +533,7 @@ def test_wrong_code(site: Site, page: Browser, shots: pathlib.Path) -> None:
     answer(page, oath_label(name), wrong, shots, "wrong-code")
     page.screenshot(shots, "refused")
     assert page.title == "Sign in"
-    assert ("error", "Login failed: Authentication failure") in page.notices()
+    assert ("error", "Login incorrect.") in page.notices()
     assert page.fields() == [("Username", "text")]
     assert page.driver.get_cookie("sessionid") is None or "Welcome" not in page.text
     page.get(site.url + "/")
@@ -558,7 +559,7 @@ def test_expired_password_is_changed_on_the_same_handle(
         "error",
         "You are required to change your password immediately (administrator enforced).",
     ) in notices
-    assert ("info", "Your password has expired: choose a new one.") in notices
+    assert ("info", "Your password has expired. Choose a new one.") in notices
     assert ("info", f"Changing password for {name}.") in notices
     assert page.fields() == [("Current password:", "password")]
     answer(page, "Current password:", password, shots, "current")
@@ -630,6 +631,65 @@ def test_a_second_login_races_the_first_on_another_worker(
     for name in (name1, name2):
         (line,) = site.broker.audit_lines(f"user={name}", "outcome=success")
         assert "phases=authenticate:0,acct_mgmt:0" in line
+
+
+BROKER_WORDS = ("[[allow]]", "max_in_flight", "rule ", "transactions of")
+
+
+def anonymous_start(site: Site, source: str, name: str) -> FormClient:
+    """A fresh client (no session) at ``source`` that starts a login for ``name``."""
+    client = FormClient(site.url, source)
+    client.get("/login/")
+    client.post("/login/", {"action": "start", "username": name})
+    return client
+
+
+def test_one_address_starting_logins_leaves_room_for_everybody_else(
+    site: Site, page: Browser, shots: pathlib.Path
+) -> None:
+    # An anonymous client at 127.0.0.2 starts logins for made-up names, each
+    # from a fresh session, as fast as it can. On main each start held a
+    # broker transaction until the rule's max_in_flight was full, and every
+    # user then read "... transactions of [[allow]] rule 1 are running".
+    clients = [
+        anonymous_start(site, "127.0.0.2", f"nobody{secrets.token_hex(3)}") for _ in range(16)
+    ]
+    try:
+        statuses = [client.status for client in clients]
+        started = [c for c in clients if c.status == 200 and "Password:" in c.text]
+        refused = [c for c in clients if c.status == 503]
+        # Per process, 4 per address: at most 8 with two workers.
+        assert 1 <= len(started) <= 8, statuses
+        assert len(refused) == len(clients) - len(started), statuses
+        for client in refused:
+            assert 1 <= int(client.headers["retry-after"]) <= 120
+            assert "Too many sign-ins are in progress" in client.text
+        for client in clients:
+            assert not any(word in client.text for word in BROKER_WORDS), client.text
+        # Meanwhile a user at another address signs in.
+        name, password, _ = site.users["plain"]
+        start_login(page, site, name, shots)
+        answer(page, "Password:", password, shots, "password")
+        assert page.title == f"Welcome, {name}", page.text
+    finally:
+        for client in clients:
+            if client.status == 200 and "Password:" in client.text:
+                client.post("/login/", {"action": "cancel"})
+    # The client address reached PAM (and the broker's audit) as rhost.
+    assert site.broker is not None
+    assert site.broker.audit_lines("rhost=127.0.0.2", "user=nobody")
+
+
+def test_one_failure_text_for_a_wrong_password_and_an_unknown_user(site: Site) -> None:
+    name, _, _ = site.users["plain"]
+    pages = []
+    for user in (name, f"pdjnosuch{secrets.token_hex(3)}"):
+        client = anonymous_start(site, "127.0.0.3", user)
+        assert "Password:" in client.text  # pam_unix asks an unknown user too
+        client.post("/login/", {"action": "answer", "answer-0": "not-the-password"})
+        assert client.status == 200
+        pages.append(client.notices())
+    assert pages[0] == pages[1] == ["Login incorrect."], pages
 
 
 def test_totp_function_agrees_with_oathtool() -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import http.cookiejar
 import importlib.metadata
 import os
 import pathlib
@@ -36,16 +35,18 @@ import subprocess
 import sys
 import time
 import tomllib
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from selenium.webdriver.common.by import By
 
 from pamphlet.testing import TemporaryService
-from web_browser import Browser, wait_until
+from web_browser import Browser, FormClient, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVICE = "jupyterhub-test"
@@ -53,8 +54,11 @@ PASSWORDS = {"daemon": "daemon-pw", "games": "games-pw", "man": "man-pw", "news"
 PASSWORDS["sys"] = "sys-pw"
 TOTP_KEY = bytes.fromhex("3132333435363738393031323334353637383930")  # RFC 6238's
 LOGIN_TIMEOUT = 6.0  # seconds an abandoned sign-in lives (c.PamphletAuthenticator.login_timeout)
+PER_ADDRESS = 3  # sign-ins in progress per client address
+MISSING_GROUP = "pamphlet-no-such-group"  # in admin_groups: a warning, never a 500
 
 STACK = """\
+auth     optional  pam_exec.so %(mark)s
 auth     required  {pam_matrix} passdb={passdb}
 auth     [success=1 default=ignore] pam_succeed_if.so quiet user != games
 auth     required  pam_oath.so usersfile=%(oath)s window=2
@@ -149,6 +153,8 @@ class Hub:
         self.service = service
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.hub_port = _free_port()
+        self.hub_url = f"http://127.0.0.1:{self.hub_port}"  # the hub itself, not its proxy
         self.log = folder / "hub.log"
         config = folder / "jupyterhub_config.py"
         config.write_text(
@@ -159,11 +165,13 @@ c.PamphletAuthenticator.service = {SERVICE!r}
 c.PamphletAuthenticator.confdir = {service.confdir!r}
 c.PamphletAuthenticator.login_timeout = {LOGIN_TIMEOUT}
 c.PamphletAuthenticator.allow_all = True
-c.PamphletAuthenticator.admin_groups = {{"man"}}
+c.PamphletAuthenticator.admin_groups = {{"man", "{MISSING_GROUP}"}}
+c.PamphletAuthenticator.trusted_proxy_ips = {{"127.0.0.1"}}
+c.PamphletAuthenticator.max_pending_logins_per_address = {PER_ADDRESS}
 c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = {self.port}
 c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {_free_port()}
+c.JupyterHub.hub_port = {self.hub_port}
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{_free_port()}"
 c.ConfigurableHTTPProxy.command = [{_proxy_command()!r}]
 c.ConfigurableHTTPProxy.pid_file = {str(folder / "proxy.pid")!r}
@@ -197,6 +205,11 @@ c.JupyterHub.redirect_to_server = False
             raise AssertionError(
                 f"the hub did not come up:\n{self.log.read_text()[-4000:]}"
             ) from None
+
+    rhosts: pathlib.Path
+
+    def seen_rhosts(self) -> list[str]:
+        return self.rhosts.read_text().splitlines() if self.rhosts.exists() else []
 
     def _up(self) -> bool:
         if self.process.poll() is not None:
@@ -239,8 +252,15 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     users_file = oath / "users"
     users_file.write_text(f"HOTP/T30 games - {TOTP_KEY.hex()}\n")
     users_file.chmod(0o600)
-    with TemporaryService(STACK % {"oath": users_file}, users=PASSWORDS, name=SERVICE) as service:
+    # pam_exec writes what PAM_RHOST each authenticate saw.
+    rhosts = folder / "rhosts"
+    mark = folder / "mark.sh"
+    mark.write_text(f'#!/bin/sh\necho "$PAM_USER $PAM_RHOST" >> {rhosts}\n')
+    mark.chmod(0o755)
+    stack = STACK % {"oath": users_file, "mark": mark}
+    with TemporaryService(stack, users=PASSWORDS, name=SERVICE) as service:
         running = Hub(folder, service)
+        running.rhosts = rhosts
         try:
             yield running
         finally:
@@ -333,6 +353,8 @@ def test_one_prompt_stack(browser: Browser, hub: Hub, tmp_path: pathlib.Path) ->
     assert_home(browser, hub, "daemon")
     assert browser.driver.get_cookie("pamphlet-signin") is None
     assert "Admin" not in browser.driver.find_element(By.CSS_SELECTOR, "nav").text
+    # admin_groups names a group this system does not have: a warning, not a 500.
+    assert f"admin_groups names {MISSING_GROUP!r}, which is not a group here" in hub.log_text()
 
 
 def test_wrong_password_is_refused(browser: Browser, hub: Hub, tmp_path: pathlib.Path) -> None:
@@ -434,57 +456,139 @@ def test_abandoned_sign_in_is_released(browser: Browser, hub: Hub, tmp_path: pat
     assert labels(browser) == [("Username:", "text"), ("Password:", "password")]
 
 
-class _Client:
-    """A browser without a browser: cookies, _xsrf, raw headers."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self.jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
-
-    def xsrf(self, headers: dict[str, str] | None = None) -> str:
-        request = urllib.request.Request(f"{self.hub.url}/hub/login", headers=headers or {})
-        with self.opener.open(request) as response:
-            page = response.read().decode()
-        found = re.search(r'name="_xsrf" value="([^"]+)"', page)
-        assert found, page
-        return found.group(1)
-
-    def post(self, fields: dict[str, str], headers: dict[str, str] | None = None) -> str:
-        request = urllib.request.Request(
-            f"{self.hub.url}/hub/login",
-            data=urllib.parse.urlencode(fields).encode(),
-            headers=headers or {},
-        )
-        try:
-            with self.opener.open(request) as response:
-                return str(response.read().decode())
-        except urllib.error.HTTPError as failure:
-            return str(failure.read().decode())
-
-
 def test_forged_forwarding_headers_do_not_set_rhost(hub: Hub) -> None:
-    """rhost is JupyterHub's own client address: a client cannot name another."""
-    client = _Client(hub)
+    """Through the proxy, rhost is the address the proxy saw: a client cannot name another."""
+    client = FormClient(hub.url, "127.0.0.5")
     forged = {"X-Forwarded-For": "203.0.113.9", "X-Real-Ip": "203.0.113.10"}
-    token = client.xsrf(forged)
-    page = client.post(
-        {"_xsrf": token, "username": "sys", "password": PASSWORDS["sys"]}, headers=forged
-    )
-    assert "Signing in from 127.0.0.1." in page, page
+    client.get("/hub/login", forged)
+    client.post("/hub/login", {"username": "sys", "password": PASSWORDS["sys"]}, forged)
+    assert "Signing in from 127.0.0.5." in client.text, client.text
     # JupyterHub's own idea of the address took the forged X-Real-Ip (its log
     # says so); PAM was not told that.
     assert "(@203.0.113.10)" in hub.log_text()
 
 
+def test_forwarded_headers_straight_to_the_hub_do_not_reach_pam(hub: Hub) -> None:
+    """X-Forwarded-For counts only from a trusted proxy: sent to the hub's own port
+    (which every local account, and every notebook server, can reach), it is ignored."""
+    client = FormClient(hub.hub_url, "127.0.0.6")
+    forged = {"X-Forwarded-For": "203.0.113.9", "X-Real-Ip": "203.0.113.10"}
+    client.get("/hub/login", forged)
+    client.post("/hub/login", {"username": "daemon", "password": PASSWORDS["daemon"]}, forged)
+    assert "daemon 127.0.0.6" in hub.seen_rhosts()
+    assert not any("203.0.113" in line for line in hub.seen_rhosts()), hub.seen_rhosts()
+
+
+def test_which_address_counts() -> None:
+    """PAM_RHOST believes X-Forwarded-For only from a trusted proxy; the cap counts the
+    proxy's last entry even from an untrusted one (a local proxy nobody declared)."""
+    from tornado.httputil import HTTPHeaders
+
+    from pamphlet.contrib.jupyterhub.authenticator import client_addresses
+
+    def request(peer: str, forwarded: str | None) -> Any:
+        headers = HTTPHeaders({"X-Forwarded-For": forwarded} if forwarded else {})
+        context = types.SimpleNamespace(address=(peer, 40000))
+        return types.SimpleNamespace(
+            connection=types.SimpleNamespace(context=context), headers=headers
+        )
+
+    chain = "203.0.113.9, 198.51.100.2"
+    assert client_addresses(request("127.0.0.1", chain), set()) == ("127.0.0.1", "198.51.100.2")
+    assert client_addresses(request("127.0.0.1", None), set()) == ("127.0.0.1", "127.0.0.1")
+    trusted = {"127.0.0.1", "10.0.0.0/8"}
+    assert client_addresses(request("127.0.0.1", chain), trusted) == (
+        "198.51.100.2",
+        "198.51.100.2",
+    )
+    # The client forged the left part; the proxy appended what it saw.
+    assert client_addresses(request("127.0.0.1", "203.0.113.9, 127.0.0.5"), trusted) == (
+        "127.0.0.5",
+        "127.0.0.5",
+    )
+    # Two trusted proxies in a row: the first untrusted hop is the client.
+    assert client_addresses(request("127.0.0.1", "198.51.100.7, 10.1.2.3"), trusted) == (
+        "198.51.100.7",
+        "198.51.100.7",
+    )
+    assert client_addresses(request("192.0.2.50", chain), trusted) == (
+        "192.0.2.50",
+        "198.51.100.2",
+    )
+    assert client_addresses(request("127.0.0.1", "garbage"), trusted) == (
+        "127.0.0.1",
+        "127.0.0.1",
+    )
+
+
+def start_anonymously(url: str, source: str, user: str) -> FormClient:
+    """A fresh client (no cookies) that signs in as ``user`` up to the stack's code prompt."""
+    client = FormClient(url, source)
+    client.get("/hub/login")
+    client.post("/hub/login", {"username": user, "password": PASSWORDS.get(user, "x")})
+    if client.status == 303:
+        client.get("/hub/login")
+    return client
+
+
+def test_polling_does_not_keep_a_sign_in_alive(hub: Hub) -> None:
+    """Only an answer extends a sign-in: a client that keeps loading the page of an
+    unanswered one sees it released after login_timeout, its thread gone."""
+    before = hub.threads()
+    client = start_anonymously(hub.url, "127.0.0.7", "games")
+    assert "One-time password" in client.text, client.text
+    released = "releasing the abandoned sign-in of 'games'"
+    count = hub.log_text().count(released)
+    deadline = time.monotonic() + LOGIN_TIMEOUT * 3
+    while hub.log_text().count(released) == count:
+        assert time.monotonic() < deadline, "polling kept the sign-in alive"
+        client.get("/hub/login")  # a page view, again and again
+        time.sleep(0.3)
+    wait_until(lambda: hub.threads() <= before, timeout=10, what="the phase's thread to end")
+    client.get("/hub/login")
+    assert "Your sign-in timed out" in client.text
+
+
+def test_one_address_filling_its_share_leaves_room_for_others(
+    browser: Browser, hub: Hub, tmp_path: pathlib.Path
+) -> None:
+    """One address starts sign-ins as fast as it can; a user elsewhere still signs in."""
+    clients = [start_anonymously(hub.url, "127.0.0.2", "games") for _ in range(PER_ADDRESS + 3)]
+    try:
+        waiting = [c for c in clients if "One-time password" in c.text]
+        refused = [c for c in clients if c.status == 503]
+        assert len(waiting) == PER_ADDRESS, [c.status for c in clients]
+        assert len(refused) == 3
+        for client in refused:
+            assert 1 <= int(client.headers["retry-after"]) <= LOGIN_TIMEOUT + 1
+            assert "Too many sign-ins are in progress" in client.text
+        sign_in(browser, hub, "daemon", PASSWORDS["daemon"])
+        browser.screenshot(tmp_path, "home")
+        assert_home(browser, hub, "daemon")
+    finally:
+        for client in clients:
+            client.get("/hub/login?restart=1")
+
+
+def test_one_failure_text_for_a_wrong_password_and_an_unknown_user(hub: Hub) -> None:
+    pages = []
+    for user, password in (("daemon", "not-the-password"), ("pamphlet-nosuchuser", "x")):
+        client = FormClient(hub.url, "127.0.0.8")
+        client.get("/hub/login")
+        client.post("/hub/login", {"username": user, "password": password})
+        pages.append((client.status, client.notices("pamphlet-notice")))
+    assert pages[0] == pages[1] == (403, ["Login incorrect."]), pages
+
+
 def test_form_without_xsrf_answers_nothing(hub: Hub) -> None:
     """JupyterHub's _xsrf check runs before any PAM: no token, no sign-in."""
-    client = _Client(hub)
-    client.xsrf()
-    page = client.post({"username": "daemon", "password": PASSWORDS["daemon"]})
-    assert "Login form invalid or expired" in page, page
-    assert not any(cookie.name.startswith("jupyterhub-hub-login") for cookie in client.jar)
-    assert not any(cookie.name == "pamphlet-signin" for cookie in client.jar)
+    client = FormClient(hub.url, "127.0.0.9")
+    client.get("/hub/login")
+    # The fields alone, without the page's hidden _xsrf.
+    client.request("POST", "/hub/login", {"username": "daemon", "password": PASSWORDS["daemon"]})
+    assert "Login form invalid or expired" in client.text, client.text
+    assert not any(name.startswith("jupyterhub-hub-login") for name in client.cookies)
+    assert "pamphlet-signin" not in client.cookies
 
 
 def test_stale_step_answers_nothing(browser: Browser, hub: Hub) -> None:
@@ -518,8 +622,7 @@ def test_sessions_open_and_close_on_the_sign_in_handle(tmp_path: pathlib.Path) -
     handle, as PAMAuthenticator makes for sessions, would have none).
     """
     from pamphlet.contrib.jupyterhub import PamphletAuthenticator
-    from pamphlet.contrib.jupyterhub._flow import Stage
-    from pamphlet.contrib.jupyterhub.authenticator import _FLOW_KEY
+    from pamphlet.contrib.jupyterhub.authenticator import _FLOW_KEY, _Verdict
 
     marker = tmp_path / "sessions"
     script = tmp_path / "session.sh"
@@ -543,13 +646,15 @@ def test_sessions_open_and_close_on_the_sign_in_handle(tmp_path: pathlib.Path) -
         assert (
             await authenticator.authenticate(None, {"username": "daemon", "password": "pw"}) is None
         )
-        flow = authenticator.start("daemon", "pw", rhost="192.0.2.7")
-        await flow.wait_for_screen(0, 30)
-        assert flow.stage is Stage.DONE
-        authenticator.forget(flow)
-        assert await authenticator.authenticate(None, {_FLOW_KEY: flow}) == {"name": "daemon"}
-        await authenticator.settle(flow, "daemon")
-        assert await authenticator.authenticate(None, {_FLOW_KEY: flow}) is None  # once only
+        sid = authenticator.start("daemon", "pw", rhost="192.0.2.7")
+        assert await authenticator.settled(sid)
+        login = authenticator.find(sid)
+        assert login is not None and login.outcome is not None and login.outcome.success
+        authenticator.forget(sid)
+        verdict = _Verdict("daemon", login)
+        assert await authenticator.authenticate(None, {_FLOW_KEY: verdict}) == {"name": "daemon"}
+        await authenticator.settle(verdict, "daemon")
+        assert await authenticator.authenticate(None, {_FLOW_KEY: verdict}) is None  # once only
         assert not marker.exists()  # signing in opens no session
         user, spawner = Named("daemon"), Named("")
         await authenticator.pre_spawn_start(user, spawner)
@@ -574,7 +679,6 @@ def test_sign_in_through_the_broker() -> None:
     before. The hub's process here is the test's own, as root, which the policy names."""
     from broker_harness import Broker
     from pamphlet.contrib.jupyterhub import PamphletAuthenticator
-    from pamphlet.contrib.jupyterhub._flow import Stage
 
     policy = """\
         [[allow]]
@@ -584,14 +688,17 @@ def test_sign_in_through_the_broker() -> None:
 
     async def scenario(service: TemporaryService, broker: Broker) -> None:
         authenticator = PamphletAuthenticator(service="hub", broker=broker.socket)
-        flow = authenticator.start("daemon", "pw", rhost="192.0.2.7")
-        await flow.wait_for_screen(0, 30)
-        assert flow.stage is Stage.DONE, flow.shown
-        refused = authenticator.start("daemon", "wrong", rhost="192.0.2.7")
-        await refused.wait_for_screen(0, 30)
-        assert refused.stage is Stage.FAILED
-        assert list(refused.shown) == ["Login incorrect."]
-        await authenticator.settle(flow, None)
+        sid = authenticator.start("daemon", "pw", rhost="192.0.2.7")
+        assert await authenticator.settled(sid)
+        login = authenticator.find(sid)
+        assert login is not None and login.outcome is not None
+        assert login.outcome.success, login.outcome
+        refused = authenticator.start("daemon", "wrong", rhost="192.0.2.8")
+        assert await authenticator.settled(refused)
+        failed = authenticator.find(refused)
+        assert failed is not None and failed.outcome is not None
+        assert not failed.outcome.success and failed.outcome.message == "Login incorrect."
+        await authenticator.end_quietly(login)
 
     with TemporaryService(users={"daemon": "pw"}, name="hub") as service:
         broker = Broker(policy, service.confdir)

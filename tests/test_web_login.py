@@ -27,9 +27,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from examples.web_login import COOKIE, LoginFlow, Stage, WebLogin
+from examples.web_login import COOKIE, Stage, Visit, WebLogin
 from examples.web_login.demo import DEMO_CODE, DEMO_PASSWORD
 
+from pamphlet.constants import Phase
+from pamphlet.stepwise import AsyncLogin, LoginSequence
 from pamphlet.testing import TemporaryService
 from web_browser import Browser, ServerThread, wait_until
 
@@ -74,8 +76,8 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
         server.stop()
 
 
-def flows_of(server: ServerThread) -> list[LoginFlow]:
-    return server.call(lambda: list(server.login.flows.values()))
+def flows_of(server: ServerThread) -> list[Visit]:
+    return server.call(lambda: list(server.login.visits.values()))
 
 
 def sign_in(page: Browser, server: ServerThread, user: str, shots: pathlib.Path) -> None:
@@ -152,7 +154,7 @@ def test_right_password_opens_a_session_and_shows_its_environment(
     assert "HOMEDIR /home/bob" in page.text
     assert re.search(r"^CRED \S+", page.text, re.MULTILINE)
     [flow] = flows_of(server)
-    assert flow.stage is Stage.WELCOME and not flow.app.ended
+    assert flow.stage is Stage.WELCOME and not flow.ended
 
     cookie = page.cookie(COOKIE)
     assert cookie["httpOnly"] is True
@@ -160,7 +162,7 @@ def test_right_password_opens_a_session_and_shows_its_environment(
     assert len(cookie["value"]) >= 43  # 32 random bytes, urlsafe base64
     # A new id after the login: the one the browser had before is worthless.
     assert cookie["value"] != cookie_before["value"]
-    assert cookie_before["value"] not in server.call(lambda: dict(server.login.flows))
+    assert cookie_before["value"] not in server.call(lambda: dict(server.login.visits))
 
 
 def test_wrong_password_is_refused_after_a_delay_that_holds_no_thread(
@@ -315,7 +317,7 @@ def test_logout_closes_the_session_and_ends_the_handle(page, serve, make_service
     assert page.title == "Sign in"
     assert page.notices() == [("info", "You have logged out.")]
     assert marker.read_text() == "open_session bob\nclose_session bob\n"
-    assert flow.app.ended
+    assert flow.ended
     assert flows_of(server) == []
     wait_until(lambda: thread_names() == threads_before, what="the PAM threads to finish")
 
@@ -332,7 +334,7 @@ def test_abandoned_login_is_released_after_the_timeout(page, serve, make_service
     sign_in(page, server, "bob", tmp_path)
     assert page.fields() == [("Password:", "password")]
     [flow] = flows_of(server)
-    assert flow.stage is Stage.ASKING and not flow.app.ended
+    assert flow.stage is Stage.ASKING and not flow.ended
     # While the form is open, the PAM phase waits inside libpam on its thread.
     assert len(thread_names()) > len(threads_before)
 
@@ -343,9 +345,9 @@ def test_abandoned_login_is_released_after_the_timeout(page, serve, make_service
     page.driver.close()
     page.driver.switch_to.window(second)
 
-    wait_until(lambda: flow.app.ended, timeout=20, what="the handle to be ended")
+    wait_until(lambda: flow.ended, timeout=20, what="the handle to be ended")
     assert flow.stage is Stage.EXPIRED
-    assert flow.task.done()
+    assert flow.busy is None or flow.busy.done()
     wait_until(lambda: thread_names() == threads_before, what="the PAM thread to finish")
 
     # Coming back later in another tab: the browser is told, and starts again.
@@ -366,7 +368,7 @@ def test_idle_session_is_closed_after_the_session_timeout(page, serve, make_serv
     answer(page, "Password:", "secret", tmp_path, "password")
     assert page.title == "Welcome, bob"
     [flow] = flows_of(server)
-    wait_until(lambda: flow.app.ended, timeout=20, what="the idle session to be ended")
+    wait_until(lambda: flow.ended, timeout=20, what="the idle session to be ended")
     assert marker.read_text() == "open_session bob\nclose_session bob\n"
     page.get(server.url + "/")
     assert page.title == "Sign in"
@@ -396,7 +398,7 @@ def test_cancel_releases_the_login(page, serve, make_service, tmp_path):
     [flow] = flows_of(server)
     page.click("Cancel")
     assert page.title == "Sign in"
-    assert flow.app.ended
+    assert flow.ended
     assert flows_of(server) == []
 
 
@@ -489,7 +491,7 @@ def test_an_answer_with_a_nul_byte_fails_closed(serve, make_service):
     assert status == 303
     status, body, _headers = client.request("/")
     assert "Login incorrect." in body and "Welcome" not in body
-    assert flow.app.ended
+    assert flow.ended
 
 
 def test_first_cookie_is_httponly_and_samesite_strict(serve, make_service):
@@ -520,14 +522,17 @@ def test_errors_never_show_a_traceback(page, serve, make_service, tmp_path, monk
     assert "0xdeadbeef" not in page.source and "Traceback" not in page.source
     monkeypatch.undo()
 
-    # A bug inside the PAM flow: the login fails closed and the handle ends.
-    from examples.web_login.flow import BrowserLogin
+    # A bug inside the login (its sequence breaks before the session): the
+    # login fails closed and the handle ends.
+    original = LoginSequence.next_call
 
-    async def broken_open_session(self: Any, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("internal detail 0xfeedface")
+    def broken_next_call(self: LoginSequence, done: Phase | None, code: int) -> Any:
+        if done is Phase.ACCT_MGMT:
+            raise RuntimeError("internal detail 0xfeedface")
+        return original(self, done, code)
 
     page.reset()
-    monkeypatch.setattr(BrowserLogin, "open_session", broken_open_session)
+    monkeypatch.setattr(LoginSequence, "next_call", broken_next_call)
     sign_in(page, server, "bob", tmp_path)
     [flow] = [flow for flow in flows_of(server) if flow.stage is Stage.ASKING]
     answer(page, "Password:", "secret", tmp_path, "password-again")
@@ -535,7 +540,7 @@ def test_errors_never_show_a_traceback(page, serve, make_service, tmp_path, monk
     assert page.title == "Sign in"
     assert page.notices()[-1] == ("error", "Something went wrong on our side. Please try again.")
     assert "0xfeedface" not in page.source and "Traceback" not in page.source
-    assert flow.app.ended
+    assert flow.ended
 
     status, body, _headers = Client(server.url).request("/no/such/page")
     assert status == 404 and "Traceback" not in body
@@ -600,23 +605,25 @@ def start_login(
 
 
 @pytest.fixture
-def created_flows(monkeypatch: pytest.MonkeyPatch) -> list[LoginFlow]:
-    """Every LoginFlow the server makes, whether its tables keep it or not."""
+def created_flows(monkeypatch: pytest.MonkeyPatch) -> list[AsyncLogin]:
+    """Every login the server starts, whether its tables keep it or not."""
     from examples.web_login import server as server_module
 
-    created: list[LoginFlow] = []
+    created: list[AsyncLogin] = []
 
-    class Recorded(LoginFlow):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            created.append(self)
+    class Recorded(AsyncLogin):
+        @classmethod
+        async def start(cls, *args: Any, **kwargs: Any) -> AsyncLogin:
+            login = await super().start(*args, **kwargs)
+            created.append(login)
+            return login
 
-    monkeypatch.setattr(server_module, "LoginFlow", Recorded)
+    monkeypatch.setattr(server_module, "AsyncLogin", Recorded)
     return created
 
 
-def all_released(flows: list[LoginFlow]) -> bool:
-    return all(flow.app.ended and flow.task.done() for flow in flows)
+def all_released(logins: list[AsyncLogin]) -> bool:
+    return all(login.ended for login in logins)
 
 
 def test_a_planted_id_never_becomes_logged_in(page, serve, make_service, tmp_path):
@@ -682,7 +689,7 @@ def test_a_planted_id_never_becomes_logged_in(page, serve, make_service, tmp_pat
     for sid in ids_before_login | attacker_ids:
         _status, _headers, text, _issued = fetch(server.url, "/", sid=sid)
         assert "<h1>Sign in</h1>" in text and "Welcome" not in text
-    assert server.call(lambda: list(server.login.flows)) == [logged_in]
+    assert server.call(lambda: list(server.login.visits)) == [logged_in]
     page.get(server.url + "/")
     assert page.title == "Welcome, bob"
 
@@ -752,20 +759,20 @@ def test_concurrent_logins_with_one_id_leave_no_flow_behind(serve, make_service,
     assert len(created_flows) == 10
     # One browser id, one login: each new one replaced the one before.
     wait_until(
-        lambda: sum(not flow.app.ended for flow in created_flows) <= 1,
+        lambda: sum(not flow.ended for flow in created_flows) <= 1,
         what="the replaced logins to be released",
     )
     # After the login timeout nothing is left: no handle, no thread, no flow.
     wait_until(lambda: all_released(created_flows), what="every login to be released")
     wait_for_threads(threads_before)
     assert [flow for flow in flows_of(server) if not flow.stage.finished] == []
-    assert server.call(lambda: set(server.login.live)) == set()
+    assert server.call(lambda: len(server.login.registry)) == 0
 
     # Again, and the server stops before the timeout: shutdown releases them all.
     server.login.login_timeout = 60.0
     created_flows.clear()
     assert set(burst()) == {303}
-    assert sum(not flow.app.ended for flow in created_flows) >= 1
+    assert sum(not flow.ended for flow in created_flows) >= 1
     server.stop()
     assert all_released(created_flows)
     wait_for_threads(threads_without_server)
@@ -784,13 +791,13 @@ def test_polling_does_not_keep_an_unanswered_login_alive(serve, make_service, tm
     # The client polls the page and never answers: the login ends at the
     # login timeout all the same.
     pages = []
-    while not flow.app.ended and time.monotonic() - started < 10:
+    while not flow.ended and time.monotonic() - started < 10:
         _status, _headers, body, issued = fetch(server.url, "/", sid=sid)
         pages.append(body)
         sid = issued or sid
         time.sleep(0.1)
     elapsed = time.monotonic() - started
-    assert flow.app.ended, "polling kept the login alive"
+    assert flow.ended, "polling kept the login alive"
     assert 1.0 <= elapsed < 5.0
     assert flow.stage is Stage.EXPIRED
     wait_for_threads(threads_before)
@@ -824,7 +831,7 @@ def test_answers_extend_a_login_and_nothing_else_does(serve, make_service, tmp_p
     )
     sid = issued or sid
     time.sleep(2.0)  # 4 s since the login began, 2 s since the answer
-    assert not flow.app.ended
+    assert not flow.ended
     _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
     assert "Signing in as" in body
     _status, _headers, _body, issued = fetch(
@@ -856,6 +863,13 @@ def test_logins_in_flight_are_capped_overall_and_per_address(
     # A third from the same address is refused, and starts no PAM transaction.
     over_the_cap(*start_login(server.url, source="127.0.0.2")[:3])
     assert len(created_flows) == 2
+    # Meanwhile a user at another address signs in, all the way.
+    sign_in(page, server, "bob", tmp_path)
+    answer(page, "Password:", "secret", tmp_path, "other-address")
+    assert page.title == "Welcome, bob"
+    page.click("Log out")
+    assert len(created_flows) == 3
+    created_flows.pop()
     # Another address still gets in, up to the overall cap.
     for _ in range(2):
         status, _headers, _body, _sid = start_login(server.url, source="127.0.0.3")
@@ -879,6 +893,27 @@ def test_logins_in_flight_are_capped_overall_and_per_address(
     wait_for_threads(threads_before)
     status, _headers, _body, _sid = start_login(server.url, source="127.0.0.2")
     assert status == 303
+
+
+def test_one_failure_text_for_a_wrong_password_and_an_unknown_user(serve, make_service):
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service)
+    pages = []
+    for user, password in (("bob", "wrong"), ("nosuchuser", "secret")):
+        _status, _headers, _body, sid = start_login(server.url, user)
+        _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
+        [flow] = [f for f in flows_of(server) if f.stage is Stage.ASKING]
+        _status, _headers, _body, issued = fetch(
+            server.url,
+            "/answer",
+            sid=sid,
+            form={"csrf": csrf_in(body), "step": str(flow.step), "answer-0": password},
+        )
+        _status, _headers, body, _issued = fetch(server.url, "/", sid=issued or sid)
+        pages.append(re.findall(r'<p class="notice (\w+)"[^>]*>([^<]*)</p>', body))
+    assert (
+        pages[0] == pages[1] == [("error", "Authentication failed"), ("error", "Login incorrect.")]
+    )
 
 
 # -- the command of the README --------------------------------------------------

@@ -8,11 +8,15 @@ driver manager never runs.
 from __future__ import annotations
 
 import asyncio
+import html
+import http.client
 import pathlib
+import re
 import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -233,3 +237,83 @@ class Browser:
         self.driver.save_screenshot(str(path))
         self.driver.set_window_size(900, 760)
         return path
+
+
+class FormClient:
+    """A bare HTTP client from a source address of its choice (127.0.0.2, ...).
+
+    What an anonymous client of a login page does without a browser: keep
+    cookies, send the page's hidden fields (CSRF tokens) back with its own,
+    set any header. Loopback answers every 127.x.y.z address, so tests can
+    be several clients on one machine.
+    """
+
+    def __init__(self, url: str, source: str = "127.0.0.1") -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.source = source
+        self.cookies: dict[str, str] = {}
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.text = ""
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        fields: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        connection = http.client.HTTPConnection(
+            self.host, self.port, timeout=60, source_address=(self.source, 0)
+        )
+        sent = dict(headers or {})
+        if self.cookies:
+            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        body = None
+        if fields is not None:
+            body = urllib.parse.urlencode(fields)
+            sent["Content-Type"] = "application/x-www-form-urlencoded"
+            sent.setdefault("Referer", f"http://{self.host}:{self.port}{path}")
+            sent.setdefault("Origin", f"http://{self.host}:{self.port}")
+        try:
+            connection.request(method, path, body=body, headers=sent)
+            response = connection.getresponse()
+            self.status = response.status
+            self.headers = {k.lower(): v for k, v in response.getheaders()}
+            for value in response.headers.get_all("Set-Cookie") or []:
+                name, _, rest = value.partition("=")
+                self.cookies[name.strip()] = rest.split(";", 1)[0]
+            self.text = response.read().decode("utf-8", "replace")
+        finally:
+            connection.close()
+        return self.text
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> str:
+        return self.request("GET", path, headers=headers)
+
+    def hidden_fields(self) -> dict[str, str]:
+        """The hidden inputs of the last page (CSRF tokens, step numbers)."""
+        found = {}
+        for tag in re.findall(r"<input[^>]*>", self.text):
+            if 'type="hidden"' in tag:
+                name = re.search(r'name="([^"]*)"', tag)
+                value = re.search(r'value="([^"]*)"', tag)
+                if name:
+                    found[html.unescape(name.group(1))] = html.unescape(
+                        value.group(1) if value else ""
+                    )
+        return found
+
+    def post(self, path: str, fields: dict[str, str], headers: dict[str, str] | None = None) -> str:
+        """Post ``fields`` with the last page's hidden fields."""
+        return self.request("POST", path, {**self.hidden_fields(), **fields}, headers)
+
+    def notices(self, css_class: str = "notice") -> list[str]:
+        """The text of every paragraph of class ``css_class`` on the last page."""
+        found = re.findall(
+            rf'<p[^>]*class="(?:[^"]*\s)?{re.escape(css_class)}(?:\s[^"]*)?"[^>]*>(.*?)</p>',
+            self.text,
+            re.S,
+        )
+        return [html.unescape(re.sub(r"<[^>]+>", "", text)).strip() for text in found]

@@ -1,13 +1,13 @@
-"""A web login that speaks PAM's whole conversation (pamphlet's AsyncPamApplication).
+"""A web login that speaks PAM's whole conversation (pamphlet's stepwise login).
 
 Run it with ``python -m examples.web_login --port 8080 --service login`` (or
 without ``--service`` for a demo stack). :class:`WebLogin` is the application;
-:class:`LoginFlow` keeps one browser's PAM transaction between requests.
+each browser's login is a :class:`pamphlet.stepwise.AsyncLogin`, shown through
+its :class:`Visit`.
 """
 
 from __future__ import annotations
 
-from .flow import BrowserLogin, LoginFlow, Stage
-from .server import COOKIE, WebLogin
+from .server import COOKIE, Stage, Visit, WebLogin
 
-__all__ = ["COOKIE", "BrowserLogin", "LoginFlow", "Stage", "WebLogin"]
+__all__ = ["COOKIE", "Stage", "Visit", "WebLogin"]

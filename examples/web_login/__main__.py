@@ -35,6 +35,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--service", help="the PAM service (default: a demo stack)")
     parser.add_argument("--confdir", help="read the service here instead of /etc/pam.d")
     parser.add_argument(
+        "--broker",
+        metavar="PATH",
+        help="run PAM in the pamphlet broker listening on PATH (a server that is not root)",
+    )
+    parser.add_argument(
         "--login-timeout",
         type=float,
         default=120.0,
@@ -72,6 +77,7 @@ async def serve(arguments: argparse.Namespace, service: str, confdir: str | None
     login = WebLogin(
         service,
         confdir=confdir,
+        broker=arguments.broker,
         login_timeout=arguments.login_timeout,
         session_timeout=arguments.session_timeout,
         secure_cookie=arguments.secure_cookie,

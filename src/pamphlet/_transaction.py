@@ -178,6 +178,7 @@ class Transaction:
         application: Application,
         guard: AbstractContextManager[Any],
         broker: str | None = None,
+        broker_uid: int | None = None,
     ) -> None:
         if broker is not None and confdir is not None:
             raise ValueError(
@@ -204,7 +205,9 @@ class Transaction:
         if broker is not None:  # the transport: the broker's worker, or libpam here
             from .broker import client
 
-            self._transport: Transport | None = client.start(broker, raw_service, raw_user, self)
+            self._transport: Transport | None = client.start(
+                broker, raw_service, raw_user, self, broker_uid=broker_uid
+            )
             return
         code, handle = conversation.start_in_process(raw_service, raw_user, raw_confdir, self)
         if handle is None:

@@ -51,12 +51,15 @@ class _StringItem:
 class ApplicationBase:
     """What every flavour of PAM application shares: the handle, items, environment.
 
-    ``Flavour(service, user=None, *, confdir=None, encoding="utf-8", broker=None)``
-    starts a handle for ``service`` (looked up in ``/etc/pam.d``, or in
-    ``confdir`` when given). With ``broker=PATH`` the handle lives in a worker
-    of the ``pamphlet broker`` listening on PATH (see the guide's "Unprivileged
-    servers: the broker"); the confdir is then the broker's. The phases are
-    the flavour's own.
+    ``Flavour(service, user=None, *, confdir=None, encoding="utf-8", broker=None,
+    broker_uid=None)`` starts a handle for ``service`` (looked up in
+    ``/etc/pam.d``, or in ``confdir`` when given). With ``broker=PATH`` the
+    handle lives in a worker of the ``pamphlet broker`` listening on PATH (see
+    the guide's "Unprivileged servers: the broker"); the confdir is then the
+    broker's. The process listening there must run as root, or as
+    ``broker_uid`` when given (a broker in a container or a test), else
+    :class:`~pamphlet.broker.BrokerNotTrusted` is raised before anything is
+    sent. The phases are the flavour's own.
     """
 
     #: The confdir used when none is given. None means libpam's own
@@ -81,6 +84,7 @@ class ApplicationBase:
         service_name: str | None = None,
         user_name: str | None = None,
         broker: str | os.PathLike[str] | None = None,
+        broker_uid: int | None = None,
     ) -> None:
         # service_name and user_name are the API document's names.
         if service is None:
@@ -100,6 +104,7 @@ class ApplicationBase:
             application=self,
             guard=type(self)._new_guard(),
             broker=None if broker is None else os.fspath(broker),
+            broker_uid=broker_uid,
         )
 
     @property

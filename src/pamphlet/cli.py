@@ -362,6 +362,7 @@ class Invocation:
     environment: list[tuple[str, str]] = field(default_factory=list)
     confdir: str | None = None
     broker: str | None = None
+    broker_uid: int | None = None
     verbose: bool = False
     json: bool = False
     show_environment: bool = False
@@ -398,7 +399,11 @@ class _Runner:
                 invocation.user,
                 confdir=invocation.confdir,
                 terminal=self.terminal,
-                **({} if invocation.broker is None else {"broker": invocation.broker}),
+                **(
+                    {}
+                    if invocation.broker is None
+                    else {"broker": invocation.broker, "broker_uid": invocation.broker_uid}
+                ),
             )
         except PamError as error:
             self.say(f"{type(error).__name__}: {error}")
@@ -591,6 +596,12 @@ def _parser() -> _Parser:
         help="run the operations through the pamphlet broker listening on PATH",
     )
     parser.add_argument(
+        "--broker-uid",
+        type=int,
+        metavar="UID",
+        help="trust a broker running as UID besides root (a container's or a test's broker)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object per operation on stdout: status, messages, PAM environment",
@@ -635,6 +646,7 @@ def _invocation(arguments: argparse.Namespace) -> Invocation:
         environment=[parse_environment(text) for text in arguments.env],
         confdir=arguments.confdir,
         broker=arguments.broker,
+        broker_uid=arguments.broker_uid,
         verbose=arguments.verbose or arguments.demo,
         json=arguments.json,
         show_environment=arguments.demo,

@@ -65,6 +65,7 @@ def _start(
     *,
     confdir: str | None,
     broker: str | None,
+    broker_uid: int | None,
     encoding: str,
     on_message: MessageHandler | None,
     rhost: str | None,
@@ -78,6 +79,7 @@ def _start(
         on_message=on_message,
         confdir=confdir,
         broker=broker,
+        broker_uid=broker_uid,
         encoding=encoding,
     )
     try:
@@ -105,6 +107,7 @@ def authenticate(
     *,
     confdir: str | None = None,
     broker: str | None = None,
+    broker_uid: int | None = None,
     check_account: bool = True,
     encoding: str = "utf-8",
     rhost: str | None = None,
@@ -130,7 +133,8 @@ def authenticate(
     set those PAM items (``rhost`` lets modules such as pam_access and
     pam_faillock know where the user comes from). ``confdir`` reads the
     service from a directory of your own instead of /etc/pam.d; ``broker``
-    runs the call through the ``pamphlet broker`` listening on that path.
+    runs the call through the ``pamphlet broker`` listening on that path,
+    which must run as root (or as ``broker_uid``, when given).
     """
     _check_secret(password, "password")
     asked: list[str] = []
@@ -156,6 +160,7 @@ def authenticate(
         choose,
         confdir=confdir,
         broker=broker,
+        broker_uid=broker_uid,
         encoding=encoding,
         on_message=on_message,
         rhost=rhost,
@@ -205,6 +210,7 @@ def change_password(
     *,
     confdir: str | None = None,
     broker: str | None = None,
+    broker_uid: int | None = None,
     encoding: str = "utf-8",
     rhost: str | None = None,
     tty: str | None = None,
@@ -240,6 +246,7 @@ def change_password(
         choose,
         confdir=confdir,
         broker=broker,
+        broker_uid=broker_uid,
         encoding=encoding,
         on_message=on_message,
         rhost=rhost,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .errors import (
     BrokerError,
+    BrokerNotTrusted,
     BrokerProtocolError,
     BrokerRefused,
     BrokerUnavailable,
@@ -38,6 +39,7 @@ from .errors import (
 __all__ = [
     "BrokerError",
     "BrokerUnavailable",
+    "BrokerNotTrusted",
     "BrokerProtocolError",
     "WorkerDied",
     "BrokerRefused",

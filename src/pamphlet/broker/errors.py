@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "BrokerError",
     "BrokerUnavailable",
+    "BrokerNotTrusted",
     "BrokerProtocolError",
     "WorkerDied",
     "BrokerRefused",
@@ -37,6 +38,21 @@ class BrokerError(Exception):
 
 class BrokerUnavailable(BrokerError):
     """The broker's socket could not be reached (not running, no permission)."""
+
+
+class BrokerNotTrusted(BrokerError):
+    """What listens at the broker's path is not the broker: its uid is neither
+    0 nor the ``broker_uid`` given. Nothing was sent to it.
+
+    ``uid`` and ``pid`` are the listener's, from ``SO_PEERCRED`` (None when
+    they could not be read).
+    """
+
+    def __init__(self, path: str, uid: int | None, pid: int | None, reason: str) -> None:
+        self.path = path
+        self.uid = uid
+        self.pid = pid
+        super().__init__(f"the process listening on {path} is not a trusted broker: {reason}")
 
 
 class BrokerProtocolError(BrokerError):

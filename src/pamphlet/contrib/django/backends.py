@@ -32,7 +32,9 @@ class _PasswordLogin(pamphlet.PamApplication):
     def __init__(self, cfg: Config, user: str, password: str) -> None:
         self._password = password
         self._answered = False
-        super().__init__(cfg.service, user, broker=cfg.broker, encoding=cfg.encoding)
+        super().__init__(
+            cfg.service, user, broker=cfg.broker, broker_uid=cfg.broker_uid, encoding=cfg.encoding
+        )
 
     def conversation(self, messages: list[Message]) -> list[str | None]:
         answers: list[str | None] = []

@@ -1,20 +1,26 @@
 """``PamLoginView``: a login of as many pages as the PAM stack has questions.
 
-The first page asks the user name. The view starts a transaction at the
-broker, runs ``authenticate`` up to the stack's first prompt, *detaches* the
-transaction (the broker's worker keeps the handle and the waiting
-conversation call) and shows the prompt. The token that resumes the
-transaction stays in the server-side session; the browser holds only its
-session cookie. The next request, in whichever worker process it lands,
-resumes the transaction with the token (good once), answers, and runs on to
-the next prompt or the end: ``acct_mgmt``, and when the password has
-expired, ``chauthtok`` with PAM_CHANGE_EXPIRED_AUTHTOK on the same handle.
-Info and error messages of the stack are shown on the next page.
+Built on :mod:`pamphlet.stepwise`. The first page asks the user name. The
+view admits the login in this process's :class:`~pamphlet.stepwise.LoginRegistry`
+(caps in total and per client address: a 503 with Retry-After beyond them,
+before anything reaches the broker), starts it at the broker with the client
+address as PAM_RHOST, runs it to the stack's first question and *detaches*
+it: the broker's worker keeps the handle and the waiting conversation call.
+What resumes it (with the broker's single-use token) stays in the
+server-side session; the browser holds only its session cookie. The next
+request, in whichever worker process it lands, resumes it, answers, and runs
+on to the next question or the outcome. Every failure before the user has
+authenticated shows the one text "Login incorrect."; the details go to the
+log.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
+import threading
 from typing import Any
 
 from django.conf import settings
@@ -32,26 +38,19 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.debug import sensitive_post_parameters
 
-from ...broker.errors import (
-    BrokerError,
-    BrokerUnavailable,
-    ResumeRefused,
-    Throttled,
-    TokenUsed,
-)
-from ...broker.stepwise import Step, Stepwise
-from ...constants import Flag, Item, MessageStyle, Phase, ReturnCode
-from ...message import Message
+from ...constants import MessageStyle
+from ...stepwise import Login, LoginRegistry, LoginSequence, Outcome, Step, TooManyLogins
 from .backends import PamBackend
 from .conf import Config, config
 
-__all__ = ["PamLoginView"]
+__all__ = ["PamLoginView", "registry"]
 
 logger = logging.getLogger("pamphlet.contrib.django")
 
 #: The session key of a login in progress.
 SESSION_KEY = "_pamphlet_login"
 _BACKEND = "pamphlet.contrib.django.backends.PamBackend"
+_SEQUENCE = LoginSequence(check_account=True, change_expired_password=True, open_session=False)
 
 DEFAULT_TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -76,13 +75,42 @@ autocomplete="{{ field.autocomplete }}"{% if forloop.first %} autofocus{% endif 
 """
 _ENGINE = Engine()
 
+_registry: LoginRegistry[Login] | None = None
+_registry_lock = threading.Lock()
 
-def _notices(messages: list[Message] | tuple[Message, ...]) -> list[dict[str, str]]:
+
+def registry() -> LoginRegistry[Login]:
+    """This process's logins in progress (made from the settings at first use)."""
+    global _registry
+    with _registry_lock:
+        if _registry is None:
+            cfg = config()
+            _registry = LoginRegistry(
+                max_logins=cfg.max_logins,
+                max_per_address=cfg.max_logins_per_address,
+                timeout=cfg.login_timeout,
+                shared_dir=cfg.login_state_dir or _default_state_dir(),
+            )
+        return _registry
+
+
+def _default_state_dir() -> str:
+    """A folder the site's processes share, that other local users cannot guess
+    (and so cannot take first): named after a hash of SECRET_KEY."""
+    digest = hashlib.sha256(b"pamphlet-logins:" + str(settings.SECRET_KEY).encode()).hexdigest()
+    return os.path.join(tempfile.gettempdir(), f"pamphlet-logins-{os.geteuid()}-{digest[:16]}")
+
+
+def _notices(pairs: list[list[Any]]) -> list[dict[str, str]]:
     return [
-        {"kind": "error" if m.is_error else "info", "text": str(m)}
-        for m in messages
-        if not m.is_prompt and str(m).strip()
+        {"kind": "error" if style == int(MessageStyle.ERROR_MSG) else "info", "text": text}
+        for style, text in pairs
+        if str(text).strip()
     ]
+
+
+def _message_pairs(messages: Any) -> list[list[Any]]:
+    return [[int(m.style), str(m)] for m in messages]
 
 
 @method_decorator(
@@ -99,13 +127,11 @@ class PamLoginView(View):
     # -- the requests -------------------------------------------------------------
 
     def get(self, request: HttpRequest) -> HttpResponse:
-        cfg = self._config(request)
+        self._config(request)
         state = request.session.get(SESSION_KEY)
         if state is not None:
-            return self._render_prompts(request, state, [])
-        nxt = request.GET.get(self.redirect_field_name, "")
-        request.session[SESSION_KEY + "_next"] = nxt
-        del cfg
+            return self._render_step(request, state, [])
+        request.session[SESSION_KEY + "_next"] = request.GET.get(self.redirect_field_name, "")
         return self._render_start(request, [])
 
     def post(self, request: HttpRequest) -> HttpResponse:
@@ -114,8 +140,7 @@ class PamLoginView(View):
         state = request.session.get(SESSION_KEY)
         if action == "start":
             if state is not None:
-                self._abandon(cfg, state)
-                self._clear(request)
+                self._abandon(request, cfg, state)
             username = request.POST.get("username", "").strip()
             if not username:
                 return self._render_start(request, [_error("Enter your user name.")])
@@ -125,135 +150,76 @@ class PamLoginView(View):
                 request, [_error("This login is over or was never started: start again.")]
             )
         if action == "cancel":
-            self._abandon(cfg, state)
-            self._clear(request)
+            self._abandon(request, cfg, state)
             return self._render_start(request, [{"kind": "info", "text": "Login cancelled."}])
-        if request.POST.get("step") != str(state["step"]):
-            return self._render_prompts(
+        if request.POST.get("step") != str(state["login"]["number"]):
+            return self._render_step(
                 request, state, [_error("That page was out of date; here is the current step.")]
             )
-        count = sum(1 for style, _ in state["waiting"] if style in _PROMPTS)
+        # The site's processes share the registry's count: a key that is gone
+        # expired (LOGIN_TIMEOUT after its last answer), whatever the broker's
+        # detach_timeout would still allow.
+        key = state["key"]
+        if key not in registry():
+            self._abandon(request, cfg, state)
+            return self._render_start(
+                request, [_error("This login waited too long and has ended. Start again.")]
+            )
+        count = len(state["login"]["prompts"])
         answers = [request.POST.get(f"answer-{i}", "") for i in range(count)]
-        try:
-            txn = Stepwise.resume(cfg.broker or "", state["token"], encoding=cfg.encoding)
-        except TokenUsed:
-            self._clear(request)
-            return self._render_start(
-                request, [_error("This step was already sent once; start the login again.")]
-            )
-        except ResumeRefused:
-            self._clear(request)
-            return self._render_start(
-                request, [_error("This login waited too long and has ended; start again.")]
-            )
-        except BrokerError as exc:
-            self._clear(request)
-            return self._render_start(request, [_error(_broker_trouble(exc))])
-        if txn.waiting is None:
-            txn.close()
-            self._clear(request)
-            return self._render_start(request, [_error("This login lost its place; start again.")])
-        try:
-            step = txn.answer(answers)
-        except BrokerError as exc:
-            txn.close()
-            self._clear(request)
-            return self._render_start(request, [_error(_broker_trouble(exc))])
-        except ValueError as exc:
-            txn.close()
-            self._clear(request)
-            return self._render_start(request, [_error(f"That answer cannot be used: {exc}")])
-        return self._advance(request, cfg, txn, state, step, [])
+        login = Login.resume(
+            cfg.broker or "", state["login"], encoding=cfg.encoding, broker_uid=cfg.broker_uid
+        )
+        if login.outcome is None:
+            registry().answered(key)
+            login.answer(answers)
+        return self._advance(request, cfg, key, login, state["user"])
 
-    # -- the transaction -------------------------------------------------------------
+    # -- the login ---------------------------------------------------------------------
 
     def _start(self, request: HttpRequest, cfg: Config, username: str) -> HttpResponse:
+        address = _address(request)
         try:
-            txn = Stepwise.start(cfg.broker or "", cfg.service, username, encoding=cfg.encoding)
-        except (BrokerError, ValueError) as exc:
-            return self._render_start(request, [_error(_broker_trouble(exc))])
-        except Exception as exc:  # pam_start failed: a PamError
-            logger.warning("pam_start for %r failed: %s", username, exc)
-            return self._render_start(request, [_error(f"Login is not possible: {exc}")])
-        try:
-            remote = request.META.get("REMOTE_ADDR")
-            if remote:
-                txn.set_item(Item.RHOST, remote)
-            state: dict[str, Any] = {
-                "user": username,
-                "phase": Phase.AUTHENTICATE.value,
-                "step": 0,
-                "token": None,
-                "waiting": [],
-            }
-            step = txn.call(Phase.AUTHENTICATE)
-        except BrokerError as exc:
-            txn.close()
-            return self._render_start(request, [_error(_broker_trouble(exc))])
-        return self._advance(request, cfg, txn, state, step, [])
+            key, login = registry().start(
+                address,
+                lambda: Login.start(
+                    cfg.service,
+                    username,
+                    sequence=_SEQUENCE,
+                    rhost=address,
+                    broker=cfg.broker,
+                    broker_uid=cfg.broker_uid,
+                    encoding=cfg.encoding,
+                ),
+            )
+        except TooManyLogins as refused:
+            return self._too_many(request, refused)
+        return self._advance(request, cfg, key, login, username)
 
     def _advance(
-        self,
-        request: HttpRequest,
-        cfg: Config,
-        txn: Stepwise,
-        state: dict[str, Any],
-        step: Step,
-        notices: list[dict[str, str]],
+        self, request: HttpRequest, cfg: Config, key: str, login: Login, username: str
     ) -> HttpResponse:
-        """Run on until a prompt waits (detach, show it) or the login is decided."""
-        try:
-            while True:
-                notices += _notices(step.messages)
-                if step.waiting is not None:
-                    state["token"] = txn.detach()
-                    state["step"] += 1
-                    state["waiting"] = [[int(m.style), str(m)] for m in step.waiting]
-                    request.session[SESSION_KEY] = state
-                    # The messages of the waiting call itself show with its fields.
-                    shown = notices[: len(notices) - len(_notices(step.waiting))]
-                    return self._render_prompts(request, state, shown)
-                phase, code = Phase(state["phase"]), step.code
-                if phase is Phase.AUTHENTICATE and code == _SUCCESS:
-                    state["phase"] = Phase.ACCT_MGMT.value
-                    step = txn.call(Phase.ACCT_MGMT)
-                elif phase is Phase.ACCT_MGMT and code == _NEW_AUTHTOK_REQD:
-                    notices.append(
-                        {"kind": "info", "text": "Your password has expired: choose a new one."}
-                    )
-                    state["phase"] = Phase.CHAUTHTOK.value
-                    step = txn.call(Phase.CHAUTHTOK, _CHANGE_EXPIRED)
-                elif code == _SUCCESS:
-                    return self._finish(request, cfg, txn, state, notices)
-                else:
-                    assert code is not None
-                    reason = txn.strerror(code)
-                    txn.end(code)
-                    self._clear(request)
-                    logger.info("PAM login of %r failed in %s: %s", state["user"], phase, reason)
-                    return self._render_start(
-                        request, [*notices, _error(f"Login failed: {reason}")]
-                    )
-        except Throttled as exc:
-            txn.close()
-            self._clear(request)
-            return self._render_start(request, [*notices, _error(f"Too many failed logins: {exc}")])
-        except BrokerError as exc:
-            txn.close()
-            self._clear(request)
-            return self._render_start(request, [*notices, _error(_broker_trouble(exc))])
+        """Detach a login that waits at a step (and show it), or finish a decided one."""
+        result: Step | Outcome | None = login.step or login.outcome
+        if isinstance(result, Step):
+            detached = login.detach() if login.outcome is None else None
+            if detached is not None:
+                registry().attach(key, login)
+                state = {"key": key, "user": username, "login": detached}
+                request.session[SESSION_KEY] = state
+                return self._render_step(request, state, [])
+            result = login.outcome
+        registry().remove(key)
+        request.session.pop(SESSION_KEY, None)
+        assert isinstance(result, Outcome)
+        notices = _notices(_message_pairs(result.notices))
+        if not result.success:
+            return self._render_start(request, [*notices, _error(result.message)])
+        return self._finish(request, cfg, result.user or username, notices)
 
     def _finish(
-        self,
-        request: HttpRequest,
-        cfg: Config,
-        txn: Stepwise,
-        state: dict[str, Any],
-        notices: list[dict[str, str]],
+        self, request: HttpRequest, cfg: Config, pam_user: str, notices: list[dict[str, str]]
     ) -> HttpResponse:
-        pam_user = txn.get_item(Item.USER) or state["user"]
-        txn.end(_SUCCESS)
-        self._clear(request)
         backend = PamBackend()
         user = backend.sync_user(request, pam_user, cfg)
         if user is None or not backend.user_can_authenticate(user):
@@ -274,18 +240,23 @@ class PamLoginView(View):
             nxt = ""
         return HttpResponseRedirect(nxt or resolve_url(settings.LOGIN_REDIRECT_URL))
 
-    def _abandon(self, cfg: Config, state: dict[str, Any]) -> None:
-        """End a login left half way (resume it, then end it), quietly."""
-        try:
-            Stepwise.resume(cfg.broker or "", state["token"], encoding=cfg.encoding).end(
-                int(ReturnCode.ABORT)
-            )
-        except BrokerError:
-            pass  # expired or used: the broker has ended it already
+    def _too_many(self, request: HttpRequest, refused: TooManyLogins) -> HttpResponse:
+        logger.warning("a login from %s was refused: %s", _address(request), refused)
+        response = self._render_start(
+            request,
+            [_error(f"Too many sign-ins are in progress; try again in {refused.retry_after} s.")],
+        )
+        response.status_code = refused.status
+        response["Retry-After"] = str(refused.retry_after)
+        return response
 
-    @staticmethod
-    def _clear(request: HttpRequest) -> None:
+    def _abandon(self, request: HttpRequest, cfg: Config, state: dict[str, Any]) -> None:
+        """End a login left half way (resume it, then end it), quietly."""
         request.session.pop(SESSION_KEY, None)
+        registry().remove(state.get("key"))
+        Login.resume(
+            cfg.broker or "", state["login"], encoding=cfg.encoding, broker_uid=cfg.broker_uid
+        ).end()
 
     def _config(self, request: HttpRequest) -> Config:
         cfg = config()
@@ -315,30 +286,26 @@ class PamLoginView(View):
         ]
         return self._render(request, "Sign in", None, 0, notices, fields, "start", "Continue")
 
-    def _render_prompts(
+    def _render_step(
         self, request: HttpRequest, state: dict[str, Any], notices: list[dict[str, str]]
     ) -> HttpResponse:
+        login = state["login"]
         fields: list[dict[str, str]] = []
-        notices = list(notices)
-        for style, text in state["waiting"]:
-            if style in _PROMPTS:
-                index = len(fields)
-                secret = style == int(MessageStyle.PROMPT_ECHO_OFF)
-                fields.append(
-                    {
-                        "id": f"pamphlet-answer-{index}",
-                        "name": f"answer-{index}",
-                        "label": text.strip(),
-                        "type": "password" if secret else "text",
-                        "autocomplete": "off",
-                    }
-                )
-            elif text.strip():
-                kind = "error" if style == int(MessageStyle.ERROR_MSG) else "info"
-                notices.append({"kind": kind, "text": text})
-        title = "Change your password" if state["phase"] == "chauthtok" else "Sign in"
+        for index, (style, text) in enumerate(login["prompts"]):
+            secret = style == int(MessageStyle.PROMPT_ECHO_OFF)
+            fields.append(
+                {
+                    "id": f"pamphlet-answer-{index}",
+                    "name": f"answer-{index}",
+                    "label": text.strip(),
+                    "type": "password" if secret else "text",
+                    "autocomplete": "off",
+                }
+            )
+        notices = [*_notices(login["notices"]), *notices]
+        title = "Change your password" if login["changing_password"] else "Sign in"
         return self._render(
-            request, title, state["user"], state["step"], notices, fields, "answer", "Continue"
+            request, title, state["user"], login["number"], notices, fields, "answer", "Continue"
         )
 
     def _render(
@@ -370,19 +337,10 @@ class PamLoginView(View):
         return HttpResponse(template.render(context, request))
 
 
-_SUCCESS = int(ReturnCode.SUCCESS)
-_NEW_AUTHTOK_REQD = int(ReturnCode.NEW_AUTHTOK_REQD)
-_CHANGE_EXPIRED = int(Flag.CHANGE_EXPIRED_AUTHTOK)
-_PROMPTS = {int(MessageStyle.PROMPT_ECHO_OFF), int(MessageStyle.PROMPT_ECHO_ON)}
+def _address(request: HttpRequest) -> str:
+    """The client's address: the connection's (a proxy in front sets REMOTE_ADDR itself)."""
+    return str(request.META.get("REMOTE_ADDR") or "")
 
 
 def _error(text: str) -> dict[str, str]:
     return {"kind": "error", "text": text}
-
-
-def _broker_trouble(exc: Exception) -> str:
-    if isinstance(exc, BrokerUnavailable):
-        logger.error("the pamphlet broker is unavailable: %s", exc)
-        return "The login service is unavailable; try again later."
-    logger.warning("a PAM login ended early: %s", exc)
-    return f"The login could not go on: {exc}"

@@ -2,38 +2,64 @@
 
 ``c.JupyterHub.authenticator_class = "pamphlet"`` (the entry point) or
 ``"pamphlet.contrib.jupyterhub.PamphletAuthenticator"``.
+
+Built on :mod:`pamphlet.stepwise`: an :class:`~pamphlet.stepwise.AsyncLogin`
+per sign-in, kept in a :class:`~pamphlet.stepwise.LoginRegistry` (caps in all
+and per client address, only an answer extends a sign-in, expiry ends it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import grp
+import ipaddress
 import os
 import pwd
-import secrets
 from collections.abc import Sequence
 from typing import Any
 
 from jinja2 import ChoiceLoader, DictLoader, Environment
-from jupyterhub._xsrf_utils import _set_xsrf_cookie
 from jupyterhub.auth import LocalAuthenticator
 from jupyterhub.handlers.login import LoginHandler
 from tornado.httputil import HTTPServerRequest, url_concat
-from tornado.netutil import is_valid_ip
 from traitlets import Bool, Float, Integer, Set, Unicode, default
 
-from pamphlet import Message
-
-from ._flow import LoginFlow, Stage, _HubLogin, end_quietly, error, info, make_application
+from ...message import Message
+from ...stepwise import (
+    LOGIN_INCORRECT,
+    AsyncLogin,
+    LoginRegistry,
+    LoginSequence,
+    Outcome,
+    Step,
+    TooManyLogins,
+)
 from ._templates import TEMPLATES
 
-__all__ = ["PamphletAuthenticator", "PamphletLoginHandler"]
+__all__ = ["PamphletAuthenticator", "PamphletLoginHandler", "client_addresses"]
 
 #: The cookie that binds a browser to its sign-in in progress.
 FLOW_COOKIE = "pamphlet-signin"
-#: The key under which the handler hands a finished flow to ``authenticate``.
-#: Only server-side code can put a LoginFlow there: form data holds strings.
+#: The key under which the handler hands a finished sign-in to ``authenticate``.
+#: Only server-side code can put a _Verdict there: form data holds strings.
 _FLOW_KEY = "pamphlet-flow"
+
+
+def info(text: str) -> Message:
+    return Message(text)  # TEXT_INFO
+
+
+def error(text: str) -> Message:
+    return Message(text, 3)  # PAM_ERROR_MSG
+
+
+class _Verdict:
+    """PAM's yes for one sign-in, handed to ``authenticate`` once."""
+
+    def __init__(self, user: str, login: AsyncLogin) -> None:
+        self.user = user
+        self.login = login
+        self.claimed = False
 
 
 class PamphletLoginHandler(LoginHandler):  # type: ignore[misc]  # JupyterHub is untyped
@@ -42,10 +68,11 @@ class PamphletLoginHandler(LoginHandler):  # type: ignore[misc]  # JupyterHub is
     The first page asks the user name and the password, as JupyterHub's own
     does. Each later question of the stack (a one-time code, a new password)
     is a page of its own; info and error messages are shown on the next
-    page. The PAM transaction stays in the hub's memory, keyed by an
-    unguessable id in an HttpOnly, SameSite=Strict cookie; every form carries
-    JupyterHub's ``_xsrf`` token and the number of the question it answers,
-    so a stale or replayed form answers nothing.
+    page. The sign-in stays in the hub's memory, keyed by an unguessable id
+    in an HttpOnly, SameSite=Strict cookie; every form carries JupyterHub's
+    ``_xsrf`` token and the number of the question it answers, so a stale or
+    replayed form answers nothing. Viewing the page never extends a sign-in:
+    only an answer does.
     """
 
     @property
@@ -80,7 +107,7 @@ class PamphletLoginHandler(LoginHandler):  # type: ignore[misc]  # JupyterHub is
         *,
         title: str = "Sign in",
         notices: Sequence[Message] = (),
-        flow: LoginFlow | None = None,
+        step: Step | None = None,
         username: str = "",
         continue_url: str = "",
         waiting: bool = False,
@@ -88,14 +115,15 @@ class PamphletLoginHandler(LoginHandler):  # type: ignore[misc]  # JupyterHub is
     ) -> None:
         form_action, restart_url = self._urls()
         namespace: dict[str, Any] = dict(self.template_namespace)
+        first_page = step is None and not waiting
         namespace.update(
             title=title,
             notices=list(notices),
-            first_page=flow is None,
+            first_page=first_page,
             ask_password=self.pam.password_on_first_page,
             username=username,
-            step=flow.step if flow else 0,
-            prompts=flow.prompts if flow and flow.stage is Stage.ASKING else [],
+            step=step.number if step else 0,
+            prompts=list(step.prompts) if step else [],
             continue_url=continue_url,
             waiting=waiting,
             form_action=form_action,
@@ -115,31 +143,44 @@ class PamphletLoginHandler(LoginHandler):  # type: ignore[misc]  # JupyterHub is
         self.set_header("Cache-Control", "no-store")
         self.finish(html)
 
-    async def _show(self, flow: LoginFlow) -> None:
-        """The page for where ``flow`` is now (the GET side of Post/Redirect/Get)."""
-        if flow.stage is Stage.ASKING:
-            await self._page(title=flow.title, notices=flow.notices, flow=flow)
-        elif flow.stage is Stage.DONE:
-            await self._finish_login(flow)
-        elif flow.stage.finished:  # FAILED or EXPIRED
-            self.pam.forget(flow)
-            self._clear_flow_cookie()
-            notices = list(flow.shown)
-            if flow.stage is Stage.EXPIRED:
-                notices.append(error("Your sign-in timed out. Please start again."))
-            await self._page(notices=notices, username=flow.user, status=403)
-        else:
+    async def _show(self, sid: str) -> None:
+        """The page for where the sign-in is now (the GET side of Post/Redirect/Get)."""
+        if not await self.pam.settled(sid):
             # A module is still working (a slow network check): say so.
-            await self._page(title=flow.title, notices=[info("Checking…")], flow=flow, waiting=True)
+            await self._page(notices=[info("Checking…")], waiting=True)
+            return
+        login = self.pam.find(sid)
+        if login is None:  # it broke before it started (logged by settled)
+            self.pam.forget(sid)
+            self._clear_flow_cookie()
+            await self._page(notices=[error(LOGIN_INCORRECT)], status=403)
+            return
+        step, outcome = login.step, login.outcome
+        if step is not None:
+            title = "Change your password" if step.changing_password else "Sign in"
+            await self._page(title=title, notices=step.notices, step=step)
+            return
+        assert outcome is not None
+        self.pam.forget(sid)
+        self._clear_flow_cookie()
+        if outcome.success and self.pam.accept_user(outcome.user):
+            await self._finish_login(login, outcome)
+            return
+        if outcome.success:
+            # The stack renamed the user into one the hub refuses (PAM_USER).
+            self.pam.log.warning(
+                "PAM signed %r in as %r, which the hub refuses", login.user, outcome.user
+            )
+            await self.pam.end_quietly(login)
+            outcome = Outcome(False, None, LOGIN_INCORRECT, outcome.notices)
+        message = outcome.message.replace("may not log in", "may not sign in")
+        notices = [*outcome.notices, error(message)]
+        await self._page(notices=notices, username=login.user or "", status=403)
 
     # -- the flow cookie ------------------------------------------------------
 
-    def _flow(self) -> LoginFlow | None:
-        sid = self.get_cookie(FLOW_COOKIE)
-        flow = self.pam.find(sid) if sid else None
-        if flow is not None:
-            flow.touch()
-        return flow
+    def _sid(self) -> str | None:
+        return self.get_cookie(FLOW_COOKIE) or None
 
     def _set_flow_cookie(self, sid: str) -> None:
         self.set_cookie(
@@ -154,123 +195,177 @@ class PamphletLoginHandler(LoginHandler):  # type: ignore[misc]  # JupyterHub is
     def _clear_flow_cookie(self) -> None:
         self.clear_cookie(FLOW_COOKIE, path=self.hub.base_url)
 
+    def _fresh_xsrf_cookie(self) -> None:
+        """As JupyterHub's LoginHandler: a fresh ``_xsrf`` cookie with every form a
+        browser navigates to, which the form's token must match (public API only)."""
+        token = self.xsrf_token
+        if self.request.headers.get("Sec-Fetch-Mode", "navigate") != "navigate":
+            return
+        options = dict(self.settings.get("xsrf_cookie_kwargs", {}))
+        options.setdefault("path", self.hub.base_url)
+        options.pop("expires", None)
+        options.pop("expires_days", None)
+        options["max_age"] = 3600  # an anonymous form's token, as JupyterHub's
+        value = token.decode("ascii") if isinstance(token, bytes) else str(token)
+        self.set_cookie("_xsrf", value, **options)
+
     # -- GET and POST ---------------------------------------------------------
 
     async def get(self) -> None:
         if self.current_user:
             await super().get()
             return
-        # As JupyterHub's LoginHandler: a fresh _xsrf cookie with every form
-        # a browser navigates to, which the form's token must match.
-        if self.request.headers.get("Sec-Fetch-Mode", "navigate") == "navigate":
-            _set_xsrf_cookie(
-                self, self._xsrf_token_id, cookie_path=self.hub.base_url, xsrf_token=self.xsrf_token
-            )
-        flow = self._flow()
-        if flow is not None and self.get_argument("restart", default=""):
-            await self.pam.release(flow, Stage.FAILED)
+        self._fresh_xsrf_cookie()
+        sid = self._sid()
+        known = self.pam.known(sid)  # a page view: never extends the sign-in
+        if sid is not None and known and self.get_argument("restart", default=""):
+            await self.pam.release(sid)
             self._clear_flow_cookie()
-            flow = None
-        if flow is None:
-            await self._page(username=self.get_argument("username", default=""))
+            known = False
+        if sid is None or not known:
+            notices = []
+            if sid is not None and self.pam.timed_out(sid):
+                self._clear_flow_cookie()
+                notices.append(error("Your sign-in timed out. Please start again."))
+            await self._page(notices=notices, username=self.get_argument("username", default=""))
             return
-        await self._show(flow)
+        await self._show(sid)
 
     async def post(self) -> None:
         # JupyterHub has checked _xsrf before we get here.
-        flow = self._flow()
+        sid = self._sid()
         if "username" in self.request.body_arguments:
-            if flow is not None:
-                await self.pam.release(flow, Stage.FAILED)
+            if sid is not None:
+                await self.pam.release(sid)
             username = self.get_argument("username", strip=True)
             password = self.get_body_argument("password", default=None, strip=False)
             if not self.pam.password_on_first_page:
                 password = None
-            try:
-                flow = self.pam.start(username, password, rhost=client_address(self.request))
-            except _Refused as refusal:
-                self._clear_flow_cookie()
-                await self._page(notices=[error(str(refusal))], username=username, status=403)
+            if not username:
+                await self._page(notices=[error("Please enter a user name.")], status=403)
                 return
-            self._set_flow_cookie(flow.sid)
-            await flow.wait_for_screen(0, self.pam.answer_wait)
-        elif flow is None:
+            address, counted = client_addresses(self.request, self.pam.trusted_proxy_ips)
+            try:
+                sid = self.pam.start(username, password, rhost=address, counted_as=counted)
+            except TooManyLogins as refused:
+                self.pam.log.warning("a sign-in from %s was refused: %s", address, refused)
+                self._clear_flow_cookie()
+                self.set_header("Retry-After", str(refused.retry_after))
+                await self._page(
+                    notices=[
+                        error(
+                            "Too many sign-ins are in progress. Please try again in "
+                            f"{refused.retry_after} seconds."
+                        )
+                    ],
+                    username=username,
+                    status=refused.status,
+                )
+                return
+            self._set_flow_cookie(sid)
+        elif sid is None or not self.pam.known(sid):
             self._clear_flow_cookie()
-            await self._page(
-                notices=[error("Your sign-in timed out or was replaced. Please start again.")],
-                status=403,
-            )
+            timed_out = sid is not None and self.pam.timed_out(sid)
+            text = "Your sign-in timed out." if timed_out else "Your sign-in was replaced."
+            await self._page(notices=[error(f"{text} Please start again.")], status=403)
             return
         else:
             try:
-                step = int(self.get_body_argument("step", default=""))
+                number = int(self.get_body_argument("step", default=""))
             except ValueError:
-                step = -1
-            answers = self.get_body_arguments("answer", strip=False)
-            if flow.submit(step, answers):
-                await flow.wait_for_screen(step, self.pam.answer_wait)
+                number = -1
             # A stale or malformed form answers nothing: the page shows where
             # the sign-in is now.
-        if flow.stage is Stage.ASKING or not flow.stage.finished:
+            self.pam.answer(sid, number, self.get_body_arguments("answer", strip=False))
+        settled = await self.pam.settled(sid)
+        login = self.pam.find(sid)
+        if settled and (login is None or login.outcome is not None):
+            await self._show(sid)
+        else:
             # Post/Redirect/Get: a reload never sends an answer twice.
             self.redirect(self._urls()[0], status=303)
-        else:
-            await self._show(flow)
 
-    async def _finish_login(self, flow: LoginFlow) -> None:
+    async def _finish_login(self, login: AsyncLogin, outcome: Outcome) -> None:
         """PAM said yes: let JupyterHub check the user (allowed, blocked, admin) and log in."""
-        self.pam.forget(flow)
-        self._clear_flow_cookie()
-        user = await self.login_user({"username": flow.user, _FLOW_KEY: flow})
+        name = outcome.user or ""
+        verdict = _Verdict(name, login)
+        user = await self.login_user({"username": name, _FLOW_KEY: verdict})
         # authenticate() claimed the handle if the hub accepted the user.
-        await self.pam.settle(flow, user.name if user else None)
+        await self.pam.settle(verdict, user.name if user else None)
         if user is None:
             await self._page(
-                notices=[*flow.shown, error("This user may not use this hub.")],
-                username=flow.user,
+                notices=[*outcome.notices, error("This user may not use this hub.")],
+                username=name,
                 status=403,
             )
             return
         self._jupyterhub_user = user
         next_url = self.get_next_url(user)
-        if flow.shown:
+        if outcome.notices:
             # What the stack said on the way in (a password about to expire)
             # is shown before the hub's pages take over.
-            await self._page(title="Signed in", notices=list(flow.shown), continue_url=next_url)
+            await self._page(title="Signed in", notices=outcome.notices, continue_url=next_url)
         else:
             self.redirect(next_url)
 
 
-def client_address(request: HTTPServerRequest) -> str | None:
-    """The client's address for PAM_RHOST, as JupyterHub's proxy settings say.
+def client_addresses(
+    request: HTTPServerRequest, trusted_proxies: Sequence[str] | set[str]
+) -> tuple[str, str]:
+    """(the client's address for PAM_RHOST, the address the per-address cap counts).
 
-    JupyterHub serves with tornado's ``xheaders=True`` and
-    ``trusted_downstream=c.JupyterHub.trusted_downstream_ips``: the address is
-    the last ``X-Forwarded-For`` entry that is not a trusted proxy (its
-    proxy, configurable-http-proxy, appends the address it saw), else the
-    peer's. Tornado's ``remote_ip`` then lets an ``X-Real-Ip`` header win
-    over that; configurable-http-proxy passes a client's ``X-Real-Ip``
-    through untouched, so any client could name its own address. PAM
-    modules decide with PAM_RHOST (pam_access, pam_faillock), so that header
-    is not honoured here.
+    PAM_RHOST is the peer of the connection, unless the peer is one of
+    ``trusted_proxies`` (addresses or networks): then the last
+    ``X-Forwarded-For`` entry that is not a trusted proxy. Tornado's
+    ``remote_ip`` (with JupyterHub's ``xheaders=True``) believes
+    ``X-Real-Ip`` and ``X-Forwarded-For`` from anyone who reaches the hub's
+    port; this does not.
+
+    The cap counts the same address, except behind a proxy nobody declared
+    trusted: then the last ``X-Forwarded-For`` entry, which
+    configurable-http-proxy appends with the address it saw. Otherwise every
+    sign-in through a local proxy would share one address, and one client
+    would fill its share for all. A header forged straight to the hub's port
+    (only local accounts reach it) can spend another address's share, never
+    more than the total cap, and never reaches PAM.
     """
     context = getattr(request.connection, "context", None)
-    peer = getattr(context, "_orig_remote_ip", None) or request.remote_ip
-    trusted = getattr(context, "trusted_downstream", None) or set()
-    forwarded = request.headers.get("X-Forwarded-For")
-    address = peer
-    if forwarded:
-        for candidate in (part.strip() for part in reversed(forwarded.split(","))):
-            address = candidate
-            if candidate not in trusted:
-                break
-    if address and is_valid_ip(address):
-        return str(address)
-    return str(peer) if peer else None
+    address = getattr(context, "address", None)
+    peer = str(address[0]) if isinstance(address, tuple) and address else ""
+    if not peer:
+        peer = str(getattr(context, "remote_ip", "") or "")
+    networks = []
+    for entry in trusted_proxies:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            continue
 
+    def valid(candidate: str) -> bool:
+        try:
+            ipaddress.ip_address(candidate)
+        except ValueError:
+            return False
+        return True
 
-class _Refused(Exception):
-    """A sign-in that is not even started (too many in flight)."""
+    def trusted(candidate: str) -> bool:
+        return valid(candidate) and any(
+            ipaddress.ip_address(candidate) in network for network in networks
+        )
+
+    hops = [hop.strip() for hop in (request.headers.get("X-Forwarded-For") or "").split(",")]
+    hops = [hop for hop in hops if hop]
+    if not trusted(peer):
+        last = hops[-1] if hops and valid(hops[-1]) else peer
+        return peer, last
+    client = peer
+    for candidate in reversed(hops):
+        if not valid(candidate):
+            break  # garbage: the last good hop stands
+        client = candidate
+        if not trusted(candidate):
+            break
+    return client, client
 
 
 class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # JupyterHub is untyped
@@ -280,8 +375,8 @@ class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # Jupyte
     where the meaning is the same (``service``, ``encoding``,
     ``check_account``, ``open_sessions``, ``admin_groups``, ``allowed_groups``,
     ``pam_normalize_username``), plus ``broker``, ``confdir``,
-    ``login_timeout``, ``password_on_first_page`` and
-    ``max_pending_logins``.
+    ``login_timeout``, ``password_on_first_page``, ``max_pending_logins``,
+    ``max_pending_logins_per_address`` and ``trusted_proxy_ips``.
     """
 
     service = Unicode("login", help="The name of the PAM service to use.").tag(config=True)
@@ -306,7 +401,7 @@ class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # Jupyte
 
     admin_groups = Set(
         help="""Users in any of these UNIX groups are admins (besides admin_users).
-        A group that cannot be resolved is an error, as with PAMAuthenticator."""
+        A group that does not exist is logged as a warning and grants nothing."""
     ).tag(config=True)
 
     pam_normalize_username = Bool(
@@ -332,8 +427,9 @@ class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # Jupyte
 
     login_timeout = Float(
         120.0,
-        help="""Seconds a sign-in waits for the browser's next answer. An abandoned sign-in
-        (a closed tab) is then released: its conversation ends with PAM_CONV_ERR and its
+        help="""Seconds a sign-in waits for the browser's next answer. Only an answer
+        extends it, never a page view. An abandoned sign-in (a closed tab, a client that
+        only polls) is then released: its conversation ends with PAM_CONV_ERR and its
         PAM handle is ended.""",
     ).tag(config=True)
 
@@ -354,7 +450,23 @@ class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # Jupyte
     max_pending_logins = Integer(
         256,
         help="""Sign-ins in progress at once (each may hold a thread inside libpam). A
-        new sign-in beyond this is refused with a message until one finishes.""",
+        new sign-in beyond this is refused (HTTP 503, Retry-After) until one finishes.""",
+    ).tag(config=True)
+
+    max_pending_logins_per_address = Integer(
+        8,
+        help="""Sign-ins in progress at once from one client address (an IPv6 /64),
+        so that one client cannot take every place (see trusted_proxy_ips).""",
+    ).tag(config=True)
+
+    trusted_proxy_ips = Set(
+        help="""Addresses (or networks, "10.0.0.0/8") of the proxies whose X-Forwarded-For
+        header names the client. A request from any other peer is its own client, whatever
+        headers it sends: anyone who reaches the hub's port could otherwise name any
+        address as PAM_RHOST. Empty (the default): the peer is the client, and every
+        sign-in through a proxy comes from the proxy's address. JupyterHub's proxy
+        connects from 127.0.0.1 by default: trust it only where no untrusted local
+        users (or their notebook servers) can reach the hub's port.""",
     ).tag(config=True)
 
     @default("allowed_groups")
@@ -363,14 +475,26 @@ class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # Jupyte
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._flows: dict[str, LoginFlow] = {}
-        # released by the timeout, remembered a while to tell their browser
-        self._expired: dict[str, LoginFlow] = {}
+        self._registry: LoginRegistry[AsyncLogin] | None = None
+        # the start or answer each sign-in is busy with (a request waits answer_wait for it)
+        self._busy: dict[str, asyncio.Task[object]] = {}
+        # sign-ins released by the timeout, remembered a while to tell their browser
+        self._timed_out: dict[str, float] = {}
         # handles of finished sign-ins, kept for the session (open_sessions)
-        self._login_handles: dict[str, _HubLogin] = {}
+        self._login_handles: dict[str, AsyncLogin] = {}
         # handles with an open session, per (user, server name)
-        self._sessions: dict[tuple[str, str], _HubLogin] = {}
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sessions: dict[tuple[str, str], AsyncLogin] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def registry(self) -> LoginRegistry[AsyncLogin]:
+        if self._registry is None:
+            self._registry = LoginRegistry(
+                max_logins=self.max_pending_logins,
+                max_per_address=self.max_pending_logins_per_address,
+                timeout=self.login_timeout,
+            )
+        return self._registry
 
     # -- what JupyterHub calls ----------------------------------------------
 
@@ -384,11 +508,11 @@ class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # Jupyte
         ``auth``, another login handler) are refused: they carry no finished
         PAM conversation.
         """
-        flow = data.get(_FLOW_KEY) if isinstance(data, dict) else None
-        if not isinstance(flow, LoginFlow) or flow.stage is not Stage.DONE or flow.claimed:
+        verdict = data.get(_FLOW_KEY) if isinstance(data, dict) else None
+        if not isinstance(verdict, _Verdict) or verdict.claimed:
             self.log.warning("refused a sign-in that did not go through the PAM conversation")
             return None
-        return {"name": flow.user}
+        return {"name": verdict.user}
 
     def normalize_username(self, username: str) -> str:
         if self.pam_normalize_username:
@@ -404,141 +528,210 @@ class PamphletAuthenticator(LocalAuthenticator):  # type: ignore[misc]  # Jupyte
 
         def in_admin_groups() -> bool:
             # NSS may ask the network (LDAP, sssd): off the event loop.
-            gids = {grp.getgrnam(group).gr_gid for group in self.admin_groups}
-            return bool(gids & set(os.getgrouplist(name, pwd.getpwnam(name).pw_gid)))
+            gids = set()
+            for group in sorted(self.admin_groups):
+                try:
+                    gids.add(grp.getgrnam(group).gr_gid)
+                except KeyError:
+                    # A typo or a group of another distribution (wheel on
+                    # Debian): it grants nothing, and the sign-in goes on.
+                    self.log.warning("admin_groups names %r, which is not a group here", group)
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError:
+                return False
+            return bool(gids & set(os.getgrouplist(name, entry.pw_gid)))
 
-        try:
-            return await asyncio.to_thread(in_admin_groups)
-        except Exception as problem:
-            # As PAMAuthenticator: a group that cannot be resolved fails the
-            # sign-in (a 500) rather than quietly leaving admin unset.
-            self.log.error("admin group check of %r failed: %s", name, problem)
-            raise
+        return await asyncio.to_thread(in_admin_groups)
 
     async def pre_spawn_start(self, user: Any, spawner: Any) -> None:
         """Open the PAM session on the handle the user signed in with."""
         if not self.open_sessions:
             return
         key = (user.name, getattr(spawner, "name", "") or "")
-        app = self._login_handles.pop(user.name, None)
-        if app is None:
+        login = self._login_handles.pop(user.name, None)
+        if login is None:
             # No handle from a sign-in in this hub process (the hub restarted,
-            # or another server of the user took it): a new handle, as
-            # PAMAuthenticator makes for every session.
+            # or another server of the user took it): a handle of its own, as
+            # PAMAuthenticator makes for every session, with no question asked.
             self.log.info("no sign-in handle for %r: opening the session on a new one", user.name)
-            app = self._new_app(user.name, None)
+            login = await AsyncLogin.start(
+                self.service,
+                user.name,
+                sequence=LoginSequence(authenticate=False, check_account=False, keep_handle=True),
+                **self._where(),
+            )
+            if login.step is not None:
+                await login.end()
+                raise RuntimeError(f"the PAM stack asked {user.name!r} a question at spawn")
         try:
-            await app.open_session()
+            # No pam_setcred in the hub: pam_group would change the hub's own groups.
+            await login.open_session(credentials=False)
         except BaseException:
-            await end_quietly(app, user.name, self.log)
+            await self.end_quietly(login)
             raise
         old = self._sessions.pop(key, None)
-        self._sessions[key] = app
+        self._sessions[key] = login
         if old is not None:
-            await self._close(old, key)
+            await self.end_quietly(old)
 
     async def post_spawn_stop(self, user: Any, spawner: Any) -> None:
         """Close the PAM session and end its handle."""
         key = (user.name, getattr(spawner, "name", "") or "")
-        app = self._sessions.pop(key, None)
-        if app is not None:
-            await self._close(app, key)
+        login = self._sessions.pop(key, None)
+        if login is not None:
+            await self.end_quietly(login)
 
     # -- sign-ins in progress -------------------------------------------------
 
-    def _new_app(self, user: str, flow: LoginFlow | None) -> _HubLogin:
-        return make_application(
-            self.service,
-            user,
-            confdir=self.confdir,
-            encoding=self.encoding,
-            broker=self.broker,
-            flow=flow,
-        )
+    def _where(self) -> dict[str, Any]:
+        where: dict[str, Any] = {"encoding": self.encoding}
+        if self.broker:
+            where["broker"] = self.broker
+        else:
+            where["confdir"] = self.confdir
+        return where
 
-    def _accept_user(self, pam_user: str) -> bool:
+    def accept_user(self, pam_user: str | None) -> bool:
+        """Whether the user PAM settled on is the hub's user, character for character."""
+        if not pam_user:
+            return False
         try:
             return bool(self.normalize_username(pam_user) == pam_user)
         except KeyError:  # pam_normalize_username and no such account
             return False
 
-    def start(self, username: str, password: str | None, *, rhost: str | None) -> LoginFlow:
-        """Start the PAM conversation of one browser."""
-        if len(self._flows) >= self.max_pending_logins:
-            raise _Refused("Too many sign-ins are in progress. Please try again in a minute.")
-        if not username:
-            raise _Refused("Please enter a user name.")
+    def start(
+        self, username: str, password: str | None, *, rhost: str, counted_as: str | None = None
+    ) -> str:
+        """Start the PAM conversation of one browser; its id. Raises TooManyLogins.
+
+        ``counted_as``: the address the per-address cap counts (``rhost`` by default)."""
         try:
             name = self.normalize_username(username)
         except KeyError:
             name = username  # PAM will refuse it, with the same words as any refusal
-        sid = secrets.token_urlsafe(32)
-        flow = LoginFlow(
-            sid,
-            name,
-            password=password,
-            rhost=rhost,
+        sid = self.registry.admit(counted_as or rhost)
+        sequence = LoginSequence(
             check_account=self.check_account,
-            new_app=lambda flow: self._new_app(name, flow),
-            accept_user=self._accept_user,
-            log=self.log,
+            change_expired_password=True,
+            keep_handle=self.open_sessions,
         )
-        self._flows[sid] = flow
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(
-                self._sweep(), name="pamphlet: release abandoned sign-ins"
+
+        async def begin() -> object:
+            login = await AsyncLogin.start(
+                self.service, name, sequence=sequence, rhost=rhost, **self._where()
             )
-        return flow
+            self.registry.attach(sid, login)
+            step = login.step
+            if (
+                password is not None
+                and step is not None
+                and step.number == 1
+                and len(step.prompts) == 1
+                and step.prompts[0].wants_password
+            ):
+                # The first page asked it: it answers the stack's first question.
+                return await login.answer([password])
+            return step or login.outcome
 
-    def find(self, sid: str) -> LoginFlow | None:
-        return self._flows.get(sid) or self._expired.get(sid)
+        self._busy[sid] = asyncio.get_running_loop().create_task(
+            begin(), name=f"pamphlet: sign-in of {name!r}"
+        )
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(
+                self._reap(), name="pamphlet: release abandoned sign-ins"
+            )
+        return sid
 
-    def forget(self, flow: LoginFlow) -> None:
-        for flows in (self._flows, self._expired):
-            if flows.get(flow.sid) is flow:
-                del flows[flow.sid]
+    def known(self, sid: str | None) -> bool:
+        """Whether ``sid`` is a sign-in in progress (reading never extends its life)."""
+        return sid is not None and (sid in self._busy or self.registry.get(sid) is not None)
 
-    async def release(self, flow: LoginFlow, stage: Stage = Stage.EXPIRED) -> None:
-        self.forget(flow)
-        await flow.release(stage)
+    def find(self, sid: str | None) -> AsyncLogin | None:
+        """The sign-in of ``sid`` once it has started (reading never extends its life)."""
+        return None if sid is None else self.registry.get(sid)
 
-    async def settle(self, flow: LoginFlow, hub_user: str | None) -> None:
+    def timed_out(self, sid: str) -> bool:
+        return sid in self._timed_out
+
+    async def settled(self, sid: str) -> bool:
+        """Wait (up to answer_wait) for what the sign-in is busy with; whether it is done."""
+        task = self._busy.get(sid)
+        if task is None:
+            return True
+        done, _ = await asyncio.wait({task}, timeout=self.answer_wait)
+        if not done:
+            return False
+        if self._busy.get(sid) is task:
+            del self._busy[sid]
+        if task.exception() is not None:
+            self.log.error("the sign-in broke", exc_info=task.exception())
+        return True
+
+    def answer(self, sid: str, number: int, answers: list[str]) -> bool:
+        """Hand the browser's answers to the sign-in; False for a stale or wrong form."""
+        login = self.registry.get(sid)
+        busy = self._busy.get(sid)
+        if login is None or (busy is not None and not busy.done()):
+            return False
+        step = login.step
+        if step is None or step.number != number or len(answers) != len(step.prompts):
+            return False
+        self.registry.answered(sid)  # only an answer extends a sign-in
+        self._busy[sid] = asyncio.get_running_loop().create_task(login.answer(answers))
+        return True
+
+    def forget(self, sid: str) -> None:
+        self.registry.remove(sid)
+        self._busy.pop(sid, None)
+
+    async def release(self, sid: str) -> None:
+        """End the sign-in of ``sid`` wherever it is."""
+        login = self.registry.remove(sid)
+        task = self._busy.pop(sid, None)
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=self.answer_wait)
+            login = login or self.registry.get(sid)
+        if login is not None:
+            await self.end_quietly(login)
+
+    async def settle(self, verdict: _Verdict, hub_user: str | None) -> None:
         """After JupyterHub's verdict: keep the handle for the session, or end it."""
-        app = flow.claim()
-        if app is None:
+        if verdict.claimed:
             return
+        verdict.claimed = True
+        login = verdict.login
         if hub_user is not None and self.open_sessions:
             old = self._login_handles.pop(hub_user, None)
-            self._login_handles[hub_user] = app
+            self._login_handles[hub_user] = login
             if old is not None:
-                await end_quietly(old, hub_user, self.log)
+                await self.end_quietly(old)
         else:
-            await end_quietly(app, flow.user, self.log)
+            await self.end_quietly(login)
 
-    async def _close(self, app: _HubLogin, key: tuple[str, str]) -> None:
+    async def end_quietly(self, login: AsyncLogin) -> None:
         try:
-            await app.close_session()
-        except Exception as problem:
-            self.log.warning("closing the PAM session of %r failed: %s", key, problem)
-        finally:
-            await end_quietly(app, key[0], self.log)
+            await login.end()
+        except Exception:
+            # The handle is gone either way; a failure here is the hub's
+            # business, not the browser's.
+            self.log.exception("ending the PAM handle of %r failed", login.user)
 
-    async def _sweep(self) -> None:
-        """Release sign-ins that have waited longer than login_timeout."""
+    async def _reap(self) -> None:
+        """Release sign-ins that waited longer than login_timeout for an answer."""
         loop = asyncio.get_running_loop()
-        while self._flows or self._expired:
+        while len(self.registry) or self._timed_out:
             await asyncio.sleep(max(0.2, min(5.0, self.login_timeout / 4)))
             try:
                 now = loop.time()
-                stale = [f for f in self._flows.values() if now - f.last_seen > self.login_timeout]
-                for flow in stale:
-                    self.log.info("releasing the abandoned sign-in of %r", flow.user)
-                    del self._flows[flow.sid]
-                    # Its browser's next request learns that it timed out.
-                    self._expired[flow.sid] = flow
-                await asyncio.gather(*(flow.release(Stage.EXPIRED) for flow in stale))
-                for sid, flow in list(self._expired.items()):
-                    if now - flow.last_seen > 2 * self.login_timeout + 60:
-                        del self._expired[sid]
+                for sid, login in self.registry.reap():
+                    user = login.user if login is not None else "?"
+                    self.log.info("releasing the abandoned sign-in of %r", user)
+                    self._timed_out[sid] = now
+                    self._busy.pop(sid, None)
+                for sid, when in list(self._timed_out.items()):
+                    if now - when > 2 * self.login_timeout + 60:
+                        del self._timed_out[sid]
             except Exception:
                 self.log.exception("releasing abandoned sign-ins failed")
