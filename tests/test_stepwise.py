@@ -491,3 +491,24 @@ def test_the_processes_of_a_site_share_one_count(tmp_path: Any) -> None:
     open_folder.chmod(0o777)
     with pytest.raises(PermissionError):
         LoginRegistry(shared_dir=str(open_folder))
+
+
+def test_a_refusal_from_the_other_fallback_points_the_log_at_the_doctor(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # libpam reads 'other' for a service it cannot find: the page says only
+    # "Login incorrect.", the log says which command explains it.
+    confdir = tmp_path / "pam.d"
+    confdir.mkdir()
+    (confdir / "other").write_text("auth required pam_deny.so\naccount required pam_deny.so\n")
+    with caplog.at_level("INFO", logger="pamphlet.stepwise"):
+        login = Login.start("webapp", "bob", confdir=str(confdir))
+        outcome = login.outcome
+        if outcome is None:
+            outcome = login.answer(["secret"])
+    assert isinstance(outcome, Outcome) and not outcome.success
+    assert outcome.message == LOGIN_INCORRECT and "doctor" not in outcome.message
+    assert outcome.code == 7
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"pamphlet doctor webapp bob --confdir {confdir}" in logged, logged
+    assert "'other'" in logged

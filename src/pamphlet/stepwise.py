@@ -188,6 +188,9 @@ class _Recorder:
         self.done: Phase | None = None
         self.authenticated = False
         self.reason: str | None = None  # CANCELLED or EXPIRED once asked for
+        # Set for an in-process login only: where the doctor would look when
+        # PAM refuses (a broker runs as root with its own stacks).
+        self.stack: tuple[str, str | None] | None = None
 
     def step(self, messages: Sequence[Message], notices: Sequence[Message]) -> Step:
         self.number += 1
@@ -222,6 +225,13 @@ class _Recorder:
             )
         message = self.reason or _failure_text(self.done, code, strerror)
         detail = f"{self.done.value if self.done else 'start'}: {strerror} ({code})"
+        if self.stack is not None and not self.authenticated:
+            from .doctor import refusal_hint
+
+            service, confdir = self.stack
+            hint = refusal_hint(pam_error(code, strerror), service, self.user, confdir)
+            if hint is not None:
+                detail = f"{detail}; {hint}"
         self._log(detail)
         return Outcome(False, None, message, tuple(notices), code, detail, self.done)
 
@@ -649,6 +659,7 @@ class Login:
                 return cls._failed(record, error)
             through_broker = _Broker(record, steps)
             return cls(through_broker, through_broker.run(items))
+        record.stack = (service, confdir)
         try:
             in_process = _InProcess(
                 record, service, user, items, confdir=confdir, encoding=encoding
