@@ -323,8 +323,8 @@ def test_a_caller_that_is_not_root_cannot_check_another_users_password(
         finding = only(report, "not-root")
         assert finding["severity"] == "error"
         assert (finding["file"], finding["line"]) == (f"{confdir}/unix", 1)
-        assert finding["lines"] == [f"{confdir}/unix:1", f"{confdir}/unix:2"]
-        assert finding["refuses"] == ["authenticate", "acct_mgmt"]
+        assert finding["lines"] == [f"{confdir}/unix:{n}" for n in (1, 2, 3)]
+        assert finding["refuses"] == ["authenticate", "acct_mgmt", "chauthtok"]
         assert finding["code"] == pamphlet.ReturnCode.AUTHINFO_UNAVAIL
         assert "pamphlet broker --socket" in finding["remedy"]
         # The shadow entry is not guessed at without root.
@@ -354,6 +354,7 @@ def test_a_caller_that_is_not_root_cannot_check_another_users_password(
                 "code": 9,
                 "error": "AuthinfoUnavailable",
                 "text": report["runs"][0]["text"],
+                "answered": True,
             }
         ]
         assert only(report, "not-root")["seen"] == ["authenticate failed: AuthinfoUnavailable (9)"]
@@ -860,3 +861,102 @@ def test_succeed_if_conditions_agree_with_the_module(
     predicted = [f for f in report["findings"] if f["kind"] == "succeed-if"]
     ran = report["runs"][0]["code"]
     assert (ran != 0) == bool(predicted) == (status == 1), (condition, report["findings"])
+
+
+# -- what the summary says -------------------------------------------------------------------
+
+
+@root
+def test_a_user_nss_does_not_know_is_refused_by_debians_chsh() -> None:
+    """The lead's case: pam_shells refuses first, then common-account's pam_deny."""
+    name = "pmph-no-such-" + secrets.token_hex(3)
+    status, text = doctor_text("chsh", name)
+    assert status == 1
+    assert "1 finding predicts a refusal" in text and "No finding predicts" not in text
+    status, report = doctor("chsh", name)
+    finding = only(report, "user-unknown")
+    assert finding["severity"] == "error"
+    assert (finding["file"], finding["module"]) == ("/etc/pam.d/chsh", "pam_shells.so")
+    assert finding["refuses"][:2] == ["authenticate", "acct_mgmt"]
+    assert report["phases"]["authenticate"] == "refuses"
+    # libpam agrees, whatever the answer.
+    ran, err = pamphlet_run("chsh", name, "authenticate", stdin="x\n")
+    assert ran == 1 and "AuthenticationError" in err
+    ran, err = pamphlet_run("chsh", name, "acct_mgmt")
+    assert ran == 1 and "AuthenticationError" in err
+
+
+def test_a_module_the_doctor_does_not_model_makes_the_phase_not_certain(
+    confdir: pathlib.Path,
+) -> None:
+    path = write(
+        confdir,
+        "exec",
+        "auth [success=done default=ignore] pam_exec.so quiet /bin/false\n"
+        "auth required pam_deny.so\n"
+        "account optional pam_exec.so quiet /bin/false\naccount required pam_permit.so\n"
+        "password required pam_permit.so\nsession required pam_permit.so\n",
+    )
+    status, text = doctor_text("exec", "root", "--confdir", str(confdir))
+    assert status == 0
+    assert "whether authenticate succeed depends on modules the doctor does not model" in text
+    _, report = doctor("exec", "root", "--confdir", str(confdir))
+    assert report["phases"]["authenticate"] == "not certain"
+    # An optional line cannot decide: acct_mgmt is predicted.
+    assert report["phases"]["acct_mgmt"] == "passes"
+    (unchecked,) = [f for f in report["findings"] if f["severity"] == "not checked"]
+    assert "it depends on pam_exec" in unchecked["cause"]
+    assert (unchecked["file"], unchecked["line"]) == (path, 1)
+    # Rightly so: the script decides, and /bin/false refuses.
+    ran, _ = pamphlet_run("--confdir", str(confdir), "exec", "root", "authenticate")
+    assert ran == 1
+
+
+def test_findings_that_refuse_only_together_are_both_named(confdir: pathlib.Path) -> None:
+    """Each alone is stepped over; together they fall through to pam_deny."""
+    write(
+        confdir,
+        "together",
+        "auth [success=2 default=ignore] pam_succeed_if.so user = nobody quiet\n"
+        "auth [success=1 default=ignore] pam_succeed_if.so user = daemon quiet\n"
+        "auth requisite pam_deny.so\nauth required pam_permit.so\n" + PERMIT_ALL,
+    )
+    status, report = doctor("together", "root", "--confdir", str(confdir))
+    assert status == 1
+    refusing = [f for f in report["findings"] if f["kind"] == "succeed-if"]
+    assert [(f["line"], f["severity"], f["refuses"]) for f in refusing] == [
+        (1, "error", ["authenticate"]),
+        (2, "error", ["authenticate"]),
+    ]
+    ran, _ = pamphlet_run("--confdir", str(confdir), "together", "root", "authenticate")
+    assert ran == 1
+
+
+def test_run_with_no_answer_on_standard_input_stops_clearly(make_service: Any) -> None:
+    """stdin at /dev/null: no hang; the phase fails at its prompt and says so."""
+    service = make_service(users={"bob": "secret"})
+    command = [sys.executable, "-m", "pamphlet", "doctor", service.name, "bob"]
+    command += ["--confdir", service.confdir, "--run", "authenticate", "acct_mgmt"]
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    proc = subprocess.run(
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 1
+    # The prompts come first, under a line that says what they are for.
+    assert proc.stderr.startswith("pamphlet doctor: running authenticate, acct_mgmt for 'bob'")
+    assert "Password: " in proc.stderr
+    assert "authenticate stopped at a prompt: no answer to the prompt 'Password: '" in proc.stdout
+    assert "no finding explains it" not in proc.stdout
+    assert proc.stdout.startswith("pamphlet doctor: PAM service")
+    proc = subprocess.run(
+        [*command, "--json"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+    )
+    report = json.loads(proc.stdout)
+    assert [(r["operation"], r["answered"]) for r in report["runs"]] == [("authenticate", False)]
+    assert all(f["seen"] == [] for f in report["findings"])
+    # With the answer on standard input, the same command succeeds.
+    proc = subprocess.run(
+        command, input="secret\n", capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stdout
+    assert "  authenticate: success\n  acct_mgmt: success\n" in proc.stdout

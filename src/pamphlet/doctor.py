@@ -8,11 +8,17 @@
 :func:`diagnose` reads the stack as libpam will (:mod:`pamphlet.pamconf`),
 looks at who is asking and at the user, and returns a :class:`Report`: a
 list of :class:`Finding` objects, each with a severity, the module line it
-concerns (file and line), a cause and a remedy. A finding predicts a
-refusal when libpam's own dispatch rules, run over the stack with that
-module failing, refuse. Rules the doctor cannot evaluate are reported as
-"not checked", never guessed. Without ``run`` nothing asks for a password
-and nothing changes.
+concerns (file and line), a cause and a remedy. The doctor knows what the
+common modules return for this user and this caller (``_Doctor.outcome``,
+the ``_UNKNOWN_USER_CODES`` table), runs libpam's own dispatch rules over
+each type with every finding's module failing at once, and names the
+findings the refusal needs: those predict a refusal, and only those. It
+assumes the user types the right password (``password_known=False``
+predicts a wrong one). Rules it cannot evaluate, and modules it does not
+model when their result decides a phase, are reported as "not checked" and
+the phase as "not certain", never guessed. tests/test_doctor_agrees.py
+holds these predictions against libpam. Without ``run`` nothing asks for a
+password and nothing changes.
 
 :func:`refusal_hint` is the one sentence that pamphlet adds to errors 7 and
 9 when the cause is likely one the doctor finds; it only looks at the uid
@@ -45,11 +51,13 @@ from .pamconf import (
     TYPES,
     Line,
     Stack,
+    Verdict,
     libpam_service_name,
     module_fault,
     read_stack,
     service_paths,
     simulate,
+    walk,
 )
 
 __all__ = [
@@ -64,6 +72,8 @@ __all__ = [
 ]
 
 ERROR, WARNING, INFO, NOT_CHECKED = "error", "warning", "info", "not checked"
+#: A phase's prediction when a module the doctor does not model decides it.
+NOT_CERTAIN = "not certain"
 _SEVERITY_RANK = {ERROR: 0, WARNING: 1, INFO: 2, NOT_CHECKED: 3}
 
 #: The phase each type's findings are judged by, in the order a login runs them.
@@ -87,6 +97,36 @@ _DENY_CODES = {
     "account": ReturnCode.AUTH_ERR,
     "password": ReturnCode.AUTHTOK_ERR,
     "session": ReturnCode.SESSION_ERR,
+}
+#: Modules that step aside (PAM_IGNORE) for any user, or in auth only
+#: (each checked against libpam by tests/test_doctor_agrees.py).
+_STEPS_ASIDE = {"pam_faildelay", "pam_warn", "pam_motd"}
+_STEPS_ASIDE_IN_AUTH = {"pam_env", "pam_group"}
+#: Modules that succeed for a user NSS knows unless a finding says otherwise
+#: (pam_unix: the user is assumed to know the password).
+_SUCCEEDS = {
+    *("pam_permit", "pam_unix", "pam_shells", "pam_access", "pam_succeed_if", "pam_cap"),
+    *("pam_env", "pam_group", "pam_limits", "pam_keyinit", "pam_lastlog", "pam_mail"),
+    *("pam_selinux", "pam_loginuid", "pam_securetty"),
+}
+#: What modules return for a user NSS does not know, where it is not failure
+#: for every type (pam_unix opens a session for anyone).
+_UNKNOWN_USER_CODES = {
+    "pam_unix": {
+        "auth": ReturnCode.USER_UNKNOWN,
+        "account": ReturnCode.USER_UNKNOWN,
+        "password": ReturnCode.USER_UNKNOWN,
+        "session": ReturnCode.SUCCESS,
+    },
+    "pam_shells": {"auth": ReturnCode.AUTH_ERR, "account": ReturnCode.AUTH_ERR},
+    "pam_access": {t: ReturnCode.USER_UNKNOWN for t in TYPES},
+    "pam_limits": {"session": ReturnCode.USER_UNKNOWN},
+    "pam_keyinit": {"session": ReturnCode.USER_UNKNOWN},
+    "pam_lastlog": {"session": ReturnCode.USER_UNKNOWN},
+    "pam_mail": {"session": ReturnCode.USER_UNKNOWN},
+    "pam_systemd": {"session": ReturnCode.USER_UNKNOWN},
+    "pam_loginuid": {"session": ReturnCode.SESSION_ERR},
+    "pam_motd": {"session": ReturnCode.SESSION_ERR},
 }
 CAP_AUDIT_CONTROL = 30
 UNSET_LOGINUID = 4294967295
@@ -121,10 +161,15 @@ class Finding:
     seen: list[str] = dataclasses.field(default_factory=list)
     #: A file and line outside the stack (an access.conf rule, a shadow entry).
     source: str | None = None
+    #: Codes for lines that return another than ``code`` (an unknown user).
+    line_codes: dict[Line, int] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def line(self) -> Line | None:
         return self.lines[0] if self.lines else None
+
+    def code_of(self, line: Line) -> int | None:
+        return self.line_codes.get(line, self.code)
 
     def to_dict(self) -> dict[str, Any]:
         line = self.line
@@ -156,6 +201,9 @@ class RunResult:
     code: int
     error: str | None = None
     text: str | None = None
+    #: False when a prompt found no answer (standard input ended): the phase
+    #: failed in the conversation, before the stack could say yes or no.
+    answered: bool = True
 
 
 @dataclasses.dataclass
@@ -171,6 +219,24 @@ class Report:
     user_info: dict[str, Any] | None
     findings: list[Finding]
     runs: list[RunResult] = dataclasses.field(default_factory=list)
+    #: Each judged phase: "refuses", "passes" or "not certain".
+    phases: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: For a phase that is not certain, the modules that decide it.
+    undecided: dict[str, list[Line]] = dataclasses.field(default_factory=dict)
+    #: The code libpam is predicted to return for each phase that refuses.
+    codes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def prediction(self, phase: str) -> str:
+        """What the doctor predicts for ``phase``: "refuses", "passes" or "not certain".
+
+        It judges ``authenticate``, ``acct_mgmt``, ``chauthtok`` and
+        ``open_session``; ``setcred`` and ``close_session`` share their type's
+        lines but are not judged, so they are "not certain".
+        """
+        return self.phases.get(phase, NOT_CERTAIN)
+
+    def uncertain(self, phase: str) -> list[Line]:
+        return self.undecided.get(phase, [])
 
     @property
     def refuses(self) -> bool:
@@ -215,6 +281,8 @@ class Report:
                 },
             },
             "findings": [f.to_dict() for f in self.findings],
+            "phases": self.phases,
+            "codes": self.codes,
             "runs": [dataclasses.asdict(r) for r in self.runs],
             "refuses": self.refuses,
             "exit_status": self.exit_status,
@@ -250,16 +318,28 @@ class Report:
             )
         errors = self.by_severity(ERROR)
         out.append("")
+        unsure = [phase for phase, said in self.phases.items() if said == NOT_CERTAIN]
         if errors:
             count = "1 finding predicts" if len(errors) == 1 else f"{len(errors)} findings predict"
             out.append(f"{count} a refusal, most likely cause first:")
+        elif unsure:
+            out.append(
+                f"No finding predicts a refusal, but whether {' and '.join(unsure)} "
+                "succeed depends on modules the doctor does not model (see 'Not checked')."
+            )
         else:
             out.append("No finding predicts a refusal.")
         for severity in (ERROR, WARNING, INFO):
             for finding in self.by_severity(severity):
-                out.extend(_format_finding(finding))
+                out.extend(_format_finding(finding, self.codes))
         for run in self.runs:
-            if run.code:
+            if not run.answered:
+                out.append(
+                    f"\n  run: {run.operation} stopped at a prompt: {run.text}. The stack never "
+                    "judged the answer; give the answers on standard input (one line each) or "
+                    "run on a terminal"
+                )
+            elif run.code:
                 explained = any(
                     any(s.startswith(f"{run.operation} ") for s in f.seen) for f in self.findings
                 )
@@ -281,6 +361,8 @@ class Report:
             out.append("Run:")
             for run in self.runs:
                 result = "success" if run.code == 0 else f"{run.error} ({run.code}): {run.text}"
+                if not run.answered:
+                    result = f"not answered ({run.error}, {run.code}): {run.text}"
                 out.append(f"  {run.operation}: {result}")
         out.append("")
         out.append("The stack as libpam reads it:")
@@ -297,7 +379,7 @@ class Report:
         return "\n".join(out) + "\n"
 
 
-def _format_finding(finding: Finding) -> list[str]:
+def _format_finding(finding: Finding, codes: dict[str, int]) -> list[str]:
     out = [""]
     line = finding.line
     where = f"  {line.where}  {line.describe()}" if line is not None else ""
@@ -309,8 +391,12 @@ def _format_finding(finding: Finding) -> list[str]:
     if finding.remedy:
         out.append(f"         remedy: {finding.remedy}")
     if finding.refuses:
-        code = f" with {_code_name(finding.code)} ({finding.code})" if finding.code else ""
-        out.append(f"         fails:  {', '.join(finding.refuses)}{code}")
+        # The code libpam returns for the phase, which need not be this module's.
+        failed = []
+        for phase in finding.refuses:
+            code = codes.get(phase, finding.code)
+            failed.append(f"{phase} ({_code_name(code)}, {code})" if code else phase)
+        out.append(f"         fails:  {', '.join(failed)}")
     for seen in finding.seen:
         out.append(f"         seen:   {seen}")
     return out
@@ -417,6 +503,7 @@ class _Doctor:
         broker: str | None,
         tty: str | None,
         rhost: str | None,
+        password_known: bool = True,
     ) -> None:
         self.service = service
         self.user_name = user
@@ -428,6 +515,12 @@ class _Doctor:
         self.findings: list[Finding] = []
         self.uid, self.euid = os.getuid(), os.geteuid()
         self.user: _User | None = None if user is None else _lookup(user)
+        self.password_known = password_known
+        self.phases: dict[str, str] = {}
+        self.codes: dict[str, int] = {}
+        self.undecided: dict[str, list[Line]] = {}
+        self.unmodelled: set[Line] = set()
+        self.shadow_password: str | None = None  # when root could read it
 
     def add(
         self, severity: str, kind: str, cause: str, remedy: str | None = None, **kw: Any
@@ -446,6 +539,9 @@ class _Doctor:
 
     def not_checked(self, cause: str, lines: Sequence[Line] = ()) -> None:
         self.add(NOT_CHECKED, "not-checked", cause, lines=list(lines))
+
+    def by_severity(self, severity: str) -> list[Finding]:
+        return [f for f in self.findings if f.severity == severity]
 
     # -- the stack ------------------------------------------------------------
 
@@ -515,11 +611,14 @@ class _Doctor:
     # -- who is asking --------------------------------------------------------
 
     def check_caller(self) -> None:
-        # pam_unix's account check goes through unix_chkpwd too (seen: 9 as well).
-        unix = self.modules("pam_unix", "auth") + self.modules("pam_unix", "account")
-        if self.euid == 0 or self.broker is not None or not unix:
+        if self.euid == 0 or self.broker is not None:
             return
         caller = _name_of_uid(self.uid)
+        auth = self.modules("pam_unix", "auth")
+        # unix_chkpwd answers pam_unix's account check for the caller and for
+        # root only (seen with Linux-PAM 1.5.2); anyone else gets
+        # PAM_AUTHINFO_UNAVAIL.
+        account = [] if self.user_name == "root" else self.modules("pam_unix", "account")
         python = sys.executable or "python3"
         remedy = (
             "run this process as root, or let the pamphlet broker run PAM for it: "
@@ -527,26 +626,44 @@ class _Doctor:
             f"(a policy that allows user {caller!r} the service {self.service!r}), then "
             f"pass broker={BROKER_SOCKET!r} (or --broker {BROKER_SOCKET})"
         )
+        password = self.modules("pam_unix", "password")
         if self.user_name is None or self.user_name == caller:
-            self.add(
-                INFO,
-                "not-root",
-                f"this process is not root (uid {self.uid}, {caller}): pam_unix can verify "
-                "only its own user's password here (through unix_chkpwd)",
-                remedy,
-                lines=unix,
-            )
+            # Its own password it changes through a setuid program, not here: not modelled.
+            self.unmodelled.update(password)
+            if auth:
+                self.add(
+                    INFO,
+                    "not-root",
+                    f"this process is not root (uid {self.uid}, {caller}): pam_unix can verify "
+                    "only its own user's password here (through unix_chkpwd)",
+                    remedy,
+                    lines=auth,
+                )
             return
-        self.add(
+        keyrings = self.modules("pam_keyinit", "session")
+        causes = []
+        if auth or account:
+            causes.append(
+                "pam_unix verifies another user's password (and account) only as root; "
+                "unix_chkpwd, its helper, checks only the caller's own (syslog says 'password "
+                "check failed for user')"
+            )
+        if password:
+            causes.append("pam_unix changes another user's password only as root")
+        if keyrings:
+            causes.append("pam_keyinit cannot switch to another user's keyring")
+        if not causes:
+            return
+        finding = self.add(
             ERROR,
             "not-root",
-            f"this process is not root (uid {self.uid}, {caller}): pam_unix verifies another "
-            "user's password (and account) only as root; unix_chkpwd, its helper, checks only "
-            "the caller's own (syslog says 'password check failed for user')",
+            f"this process is not root (uid {self.uid}, {caller}): " + "; ".join(causes),
             remedy,
-            lines=unix,
-            code=int(ReturnCode.AUTHINFO_UNAVAIL),
+            lines=auth + account + password + keyrings,
+            code=int(ReturnCode.AUTHINFO_UNAVAIL if auth or account else ReturnCode.AUTHTOK_ERR),
         )
+        finding.line_codes = {line: int(ReturnCode.SESSION_ERR) for line in keyrings}
+        finding.line_codes.update((line, int(ReturnCode.AUTHTOK_ERR)) for line in password)
 
     def check_container(self) -> None:
         lines = self.modules("pam_loginuid", "session")
@@ -643,141 +760,180 @@ class _Doctor:
         if user is None:
             return
         if user.entry is None:
-            unix = self.modules("pam_unix", "auth") + self.modules("pam_unix", "account")
-            self.add(
-                ERROR if unix else WARNING,
-                "user-unknown",
-                f"NSS does not know the user {user.name!r} (getent passwd {user.name} finds "
-                "nothing)" + ("" if unix else ": modules that look users up will fail"),
-                "create the user, or check /etc/nsswitch.conf and its sources (sssd, ldap)",
-                lines=unix,
-                code=int(ReturnCode.USER_UNKNOWN) if unix else None,
-            )
+            self.check_unknown_user(user)
             return
         self.check_shadow()
+        if not self.password_known:
+            # With nullok, an empty password lets pam_unix succeed without asking.
+            empty = self.shadow_password == ""
+            lines = [
+                line
+                for line in self.modules("pam_unix", "auth")
+                if not (empty and line.flag("nullok"))
+            ]
+            self.add(
+                WARNING,
+                "wrong-password",
+                "assumed: the user types a wrong password, which pam_unix refuses",
+                lines=lines,
+                code=int(ReturnCode.AUTH_ERR),
+            )
+        self.check_shells()
         self.check_faillock()
         self.check_nologin()
         self.check_securetty()
         self.check_access()
         self.check_succeed_if()
 
+    def check_unknown_user(self, user: _User) -> None:
+        """Every module that looks the user up fails, each with its own code."""
+        lines: list[Line] = []
+        codes: dict[Line, int] = {}
+        unmodelled: set[Line] = set()
+        for type_ in TYPES:
+            phase = PHASE_OF_TYPE[type_]
+            for line in self.stack.lines(type_):
+                if line.must_fail or module_fault(line, phase):
+                    continue
+                code = _unknown_user_code(line, user, self)
+                if code is None:
+                    unmodelled.add(line)
+                elif code not in (0, ReturnCode.IGNORE) and line not in lines:
+                    lines.append(line)
+                    codes[line] = code
+        finding = self.add(
+            ERROR if lines else WARNING,
+            "user-unknown",
+            f"NSS does not know the user {user.name!r} (getent passwd {user.name} finds "
+            "nothing): "
+            + (
+                "the modules that look the user up fail: "
+                + ", ".join(dict.fromkeys(f"{line.name} ({line.type})" for line in lines))
+                if lines
+                else "no module of this stack that the doctor knows looks the user up"
+            ),
+            "create the user, or check /etc/nsswitch.conf and its sources (sssd, ldap)",
+            lines=lines,
+            code=codes[lines[0]] if lines else None,
+        )
+        finding.line_codes = codes
+        # Named by judge() only where one of them decides a phase.
+        self.unmodelled.update(unmodelled)
+
     def check_shadow(self) -> None:
         user = self.user
         assert user is not None
+        name = user.name
         auth = self.modules("pam_unix", "auth")
         account = self.modules("pam_unix", "account")
         try:
-            found = _shadow_entry(user.name)
-        except PermissionError:
+            found = _shadow_entry(name)
+        except OSError as error:
+            # Then what pam_unix says is not known, unless the caller's finding says it.
+            why = (
+                "readable only by root"
+                if isinstance(error, PermissionError)
+                else f"{error.strerror}"
+            )
             self.not_checked(
-                "the shadow entry (locked password, expiry): /etc/shadow is readable only by root"
+                f"the shadow entry (locked password, expiry): /etc/shadow is {why}",
+                auth + account,
             )
             return
-        except OSError as error:
-            self.not_checked(f"the shadow entry: /etc/shadow: {error.strerror}")
-            return
         if found is None:
-            if auth and user.entry is not None and user.entry.pw_passwd in ("x", "*"):
-                self.add(
-                    WARNING,
-                    "shadow",
-                    f"{user.name!r} has no /etc/shadow entry (NSS has the user from "
-                    "elsewhere?): pam_unix may not verify a password",
-                    lines=auth,
+            if user.entry is not None and user.entry.pw_passwd in ("x", "*"):
+                self.not_checked(
+                    f"what pam_unix does for {name!r}, who has no /etc/shadow entry (NSS has "
+                    "the user from elsewhere?)",
+                    auth + account,
                 )
             return
         fields, number = found
         source = f"/etc/shadow:{number}"
-        password = fields[1]
+        password = self.shadow_password = fields[1]
         today = int(time.time() // 86400)
         last, maximum, warn, inactive, expire = (_days(fields[i]) for i in (2, 4, 5, 6, 7))
-        if password.startswith("!"):
+
+        def finding(type_: str, kind: str, cause: str, remedy: str, code: int) -> None:
+            # Without pam_unix on the type, the entry is only information.
+            lines = auth if type_ == "auth" else account
             self.add(
-                ERROR if auth else INFO,
-                "locked",
-                f"the password of {user.name!r} is locked ('!' in {source})"
-                + ("" if auth else "; no pam_unix in auth reads it"),
-                f"passwd -u {user.name} (or usermod -U {user.name})",
-                lines=auth,
-                code=int(ReturnCode.AUTH_ERR) if auth else None,
+                ERROR if lines else INFO,
+                kind,
+                cause + ("" if lines else f"; no pam_unix in {type_} reads it"),
+                remedy,
+                lines=lines,
+                code=int(code) if lines else None,
                 source=source,
+            )
+
+        if password.startswith("!"):
+            finding(
+                "auth",
+                "locked",
+                f"the password of {name!r} is locked ('!' in {source})",
+                f"passwd -u {name} (or usermod -U {name})",
+                ReturnCode.AUTH_ERR,
             )
         elif password == "" and auth and not any(line.flag("nullok") for line in auth):
-            self.add(
-                ERROR,
+            finding(
+                "auth",
                 "no-password",
-                f"{user.name!r} has an empty password ({source}) and pam_unix has no 'nullok'",
-                f"set a password: passwd {user.name}",
-                lines=auth,
-                code=int(ReturnCode.AUTH_ERR),
-                source=source,
+                f"{name!r} has an empty password ({source}) and pam_unix has no 'nullok'",
+                f"set a password: passwd {name}",
+                ReturnCode.AUTH_ERR,
             )
         elif password.startswith("*"):
-            self.add(
-                ERROR if auth else INFO,
+            finding(
+                "auth",
                 "no-password",
-                f"{user.name!r} has no usable password ({password!r} in {source})",
-                f"set one: passwd {user.name}",
-                lines=auth,
-                code=int(ReturnCode.AUTH_ERR) if auth else None,
-                source=source,
+                f"{name!r} has no usable password ({password!r} in {source})",
+                f"set one: passwd {name}",
+                ReturnCode.AUTH_ERR,
             )
-        severity = ERROR if account else INFO
-        note = "" if account else "; no pam_unix in account applies it"
+        ends = None if last is None or maximum is None or maximum < 0 else last + maximum
         if expire is not None and expire >= 0 and today >= expire:
-            self.add(
-                severity,
+            finding(
+                "account",
                 "account-expired",
-                f"the account {user.name!r} expired on {_date(expire)} ({source}){note}",
-                f"chage -E -1 {user.name} (or a later date: chage -E YYYY-MM-DD {user.name})",
-                lines=account,
-                code=int(ReturnCode.ACCT_EXPIRED) if account else None,
-                source=source,
+                f"the account {name!r} expired on {_date(expire)} ({source})",
+                f"chage -E -1 {name} (or a later date: chage -E YYYY-MM-DD {name})",
+                ReturnCode.ACCT_EXPIRED,
             )
-            return
-        if last == 0:
-            self.add(
-                severity,
+        elif last == 0:
+            finding(
+                "account",
                 "password-expired",
-                f"the password of {user.name!r} must be changed before login (the last change "
-                f"is day 0 in {source}, as 'chage -d 0' or 'passwd -e' leave it){note}",
+                f"the password of {name!r} must be changed before login (the last change "
+                f"is day 0 in {source}, as 'chage -d 0' or 'passwd -e' leave it)",
                 "let the user change it: run chauthtok after acct_mgmt (pamphlet's login "
-                f"sequence does), or as root: passwd {user.name}",
-                lines=account,
-                code=int(ReturnCode.NEW_AUTHTOK_REQD) if account else None,
-                source=source,
+                f"sequence does), or as root: passwd {name}",
+                ReturnCode.NEW_AUTHTOK_REQD,
             )
+        elif ends is None:
             return
-        if last is None or maximum is None or maximum < 0:
-            return
-        ends = last + maximum
-        if inactive is not None and inactive >= 0 and today >= ends + inactive:
-            self.add(
-                severity,
+        elif inactive is not None and inactive >= 0 and today >= ends + inactive:
+            finding(
+                "account",
                 "account-expired",
-                f"the password of {user.name!r} expired on {_date(ends)} and its {inactive} "
-                f"inactive days have passed ({source}): the account is locked{note}",
-                f"as root: passwd {user.name} (or chage -I -1 {user.name})",
-                lines=account,
-                code=int(ReturnCode.ACCT_EXPIRED) if account else None,
-                source=source,
+                f"the password of {name!r} expired on {_date(ends)} and its {inactive} "
+                f"inactive days have passed ({source}): the account is locked",
+                f"as root: passwd {name} (or chage -I -1 {name})",
+                ReturnCode.ACCT_EXPIRED,
             )
         elif today >= ends:
-            self.add(
-                severity,
+            finding(
+                "account",
                 "password-expired",
-                f"the password of {user.name!r} expired on {_date(ends)} ({source}){note}",
-                "let the user change it (chauthtok after acct_mgmt), or as root: "
-                f"passwd {user.name}",
-                lines=account,
-                code=int(ReturnCode.NEW_AUTHTOK_REQD) if account else None,
-                source=source,
+                f"the password of {name!r} expired on {_date(ends)} ({source})",
+                f"let the user change it (chauthtok after acct_mgmt), or as root: passwd {name}",
+                ReturnCode.NEW_AUTHTOK_REQD,
             )
         elif warn is not None and ends - today <= warn:
             self.add(
                 INFO,
                 "password-ageing",
-                f"the password of {user.name!r} expires in {ends - today} days ({source})",
+                f"the password of {name!r} expires in {ends - today} days ({source})",
                 lines=account,
                 source=source,
             )
@@ -866,9 +1022,7 @@ class _Doctor:
         assert user is not None
         for type_ in ("auth", "account"):
             for line in self.modules("pam_nologin", type_):
-                given = line.option("file")
-                candidates = [given] if given else ["/var/run/nologin", "/etc/nologin"]
-                present = next((path for path in candidates if os.path.exists(path)), None)
+                present = _nologin_file(line)
                 if present is None:
                     continue
                 if user.uid == 0:
@@ -889,6 +1043,33 @@ class _Doctor:
                     code=int(ReturnCode.AUTH_ERR),
                     source=present,
                 )
+
+    def check_shells(self) -> None:
+        user = self.user
+        assert user is not None and user.entry is not None
+        lines = self.modules("pam_shells", "auth", "account")
+        if not lines:
+            return
+        path, shell = "/etc/shells", user.entry.pw_shell
+        try:
+            status = os.stat(path)
+            with open(path, encoding="utf-8", errors="surrogateescape") as file:
+                listed = {entry.rstrip("\n") for entry in file}
+        except OSError as error:
+            cause = f"pam_shells cannot read {path} ({error.strerror}): it refuses every user"
+            remedy = f"restore {path}"
+        else:
+            if status.st_mode & 0o002 or not os.path.isfile(path):
+                cause = f"{path} is world-writable or not a file: pam_shells refuses every user"
+                remedy = f"chmod o-w {path}"
+            elif shell in listed:
+                return
+            else:
+                cause = f"the shell of {user.name!r}, {shell!r}, is not listed in {path}"
+                remedy = f"add {shell} to {path}, or chsh -s /bin/bash {user.name}"
+        self.add(
+            ERROR, "shell", cause, remedy, lines=lines, code=int(ReturnCode.AUTH_ERR), source=path
+        )
 
     def check_securetty(self) -> None:
         user = self.user
@@ -959,6 +1140,21 @@ class _Doctor:
             for line in self.modules("pam_access", type_):
                 given = line.option("accessfile")
                 files = [given] if given else ["/etc/security/access.conf"]
+                if not os.path.exists(files[0]):
+                    if given:  # seen: PAM_ABORT, for every user
+                        self.add(
+                            ERROR,
+                            "access",
+                            f"pam_access's accessfile={given} does not exist: it refuses "
+                            "every user",
+                            f"create {given}, or fix the path on the line",
+                            lines=[line],
+                            code=int(ReturnCode.ABORT),
+                            source=given,
+                        )
+                    else:
+                        self.not_checked(f"pam_access without {files[0]}", [line])
+                    continue
                 if not given:
                     files += sorted(glob.glob("/etc/security/access.d/*.conf"))
                 origin = self.rhost or self.tty
@@ -1001,10 +1197,10 @@ class _Doctor:
                 result = _succeed_if(line, subject, self)
                 if result is None:
                     continue
-                ok, text = result
-                if ok is None:
+                code, text = result
+                if code is None:
                     self.not_checked(f"pam_succeed_if: {text}", [line])
-                elif not ok:
+                elif code:
                     self.add(
                         ERROR,
                         "succeed-if",
@@ -1016,59 +1212,144 @@ class _Doctor:
 
     # -- what the findings mean for each phase ------------------------------------
 
-    def judge(self) -> None:
-        """Run libpam's dispatch rules with each finding's module failing."""
-        uid = self.uid
+    def outcome(self, line: Line, phase: str) -> int | None:
+        """What the module returns for a user NSS knows, when no finding says
+        otherwise; None when the doctor does not model it.
 
-        def intrinsic(line: Line, phase: str) -> int:
-            if module_fault(line, phase):
-                return int(ReturnCode.MODULE_UNKNOWN)
-            if line.name == "pam_deny":
-                return int(_DENY_CODES[line.type])
-            if line.name == "pam_rootok":
-                return 0 if uid == 0 else int(ReturnCode.AUTH_ERR)
+        The user is assumed to type the right password and to pick a new one
+        the stack accepts (``password_known=False`` adds a finding instead).
+        """
+        if module_fault(line, phase):
+            return int(ReturnCode.MODULE_UNKNOWN)
+        if line in self.unmodelled:
+            return None
+        name = line.name or ""
+        if name == "pam_deny":
+            return int(_DENY_CODES[line.type])
+        if name == "pam_rootok":
+            return 0 if self.uid == 0 else int(ReturnCode.AUTH_ERR)
+        if name == "pam_nologin":
+            return int(ReturnCode.IGNORE)  # no file, or root: a file refuses by finding
+        if name == "pam_faillock":
+            authfail = line.flag("authfail") and line.type == "auth"
+            return int(ReturnCode.AUTH_ERR) if authfail else 0
+        if name == "pam_lastlog" and self.euid != 0:
+            return int(ReturnCode.SERVICE_ERR)  # it cannot write /var/log/lastlog
+        if name in _STEPS_ASIDE or (name in _STEPS_ASIDE_IN_AUTH and line.type == "auth"):
+            return int(ReturnCode.IGNORE)
+        if name in _SUCCEEDS:
             return 0
+        return None
 
+    def dispatch(
+        self,
+        type_: str,
+        applied: Sequence[Finding],
+        unknown: int = 0,
+        flipped: Line | None = None,
+    ) -> Verdict:
+        """libpam's verdict on ``type_`` with the ``applied`` findings' modules failing;
+        modules not modelled return ``unknown``, except ``flipped``, which fails."""
+        phase = PHASE_OF_TYPE[type_]
+
+        def outcome(line: Line) -> int:
+            for finding in applied:
+                if line in finding.lines:
+                    return finding.code_of(line) or 0
+            code = self.outcome(line, phase)
+            if code is None:
+                return int(_DENY_CODES[type_]) if line is flipped else unknown
+            return code
+
+        return simulate(self.stack.entries(type_), outcome)
+
+    def judge(self) -> None:
+        """Run libpam's dispatch rules over each type with the findings' modules failing.
+
+        A phase is "not certain" when a module the doctor does not model
+        decides it; otherwise the findings whose failure it takes are the
+        ones that refuse it.
+        """
+        self.unmodelled |= {line for f in self.by_severity(NOT_CHECKED) for line in f.lines}
+        judged = [
+            f
+            for f in self.findings
+            if f.severity in (ERROR, WARNING)
+            and f.code is not None
+            and f.kind not in ("missing-module", "syntax")  # already in outcome()
+        ]
+        # Why a finding that refuses no phase does not: by id, the words said.
+        aside: dict[int, str] = {}
         for type_, phase in PHASE_OF_TYPE.items():
             entries = self.stack.entries(type_)
-            base = simulate(entries, functools.partial(intrinsic, phase=phase))
-            concerned = [
-                f
-                for f in self.findings
-                if f.code is not None and any(line.type == type_ for line in f.lines)
+            concerned = [f for f in judged if any(line.type == type_ for line in f.lines)]
+            dispatch = functools.partial(self.dispatch, type_)
+            verdict = dispatch(concerned)
+            unknown = [line for line, _ in walk(entries) if self.outcome(line, phase) is None]
+            unknown = [line for line in unknown if not any(line in f.lines for f in concerned)]
+            deciding = [
+                line
+                for line in unknown
+                if bool(dispatch(concerned, flipped=line).code) != bool(verdict.code)
             ]
-            if base.code:
-                self._explain_base(type_, phase, base.code, base.culprit, concerned)
-            for finding in concerned:
-                if finding.kind in ("missing-module", "syntax"):
-                    continue  # judged by the base run
-                failing = {id(line) for line in finding.lines}
-                code = finding.code
-
-                def outcome(
-                    line: Line,
-                    phase: str = phase,
-                    code: int = code or 0,
-                    failing: set[int] = failing,
-                ) -> int:
-                    return code if id(line) in failing else intrinsic(line, phase)
-
-                verdict = simulate(entries, outcome)
-                decides = verdict.culprit is base.culprit or verdict.culprit in finding.lines
-                if verdict.code and (not base.code or decides):
-                    if phase not in finding.refuses:
-                        finding.refuses.append(phase)
-                elif finding.severity == ERROR and not finding.refuses:
-                    finding.severity = WARNING
-                    finding.cause += (
-                        "; the stack goes on without this module here"
-                        if not base.code
-                        else "; the stack refuses earlier anyway"
+            if (
+                unknown
+                and not deciding
+                and bool(dispatch(concerned, _DENY_CODES[type_]).code) != bool(verdict.code)
+            ):
+                deciding = unknown
+            if deciding:
+                self.phases[phase] = NOT_CERTAIN
+                self.undecided[phase] = list(deciding)
+                for finding in self.by_severity(NOT_CHECKED):
+                    if any(line in deciding for line in finding.lines):
+                        finding.cause += f" (it decides {phase})"
+                        deciding = [line for line in deciding if line not in finding.lines]
+                if deciding:
+                    names = ", ".join(sorted({line.name or "?" for line in deciding}))
+                    self.not_checked(
+                        f"whether {phase} succeeds: it depends on {names}, which the doctor "
+                        "does not model for this user",
+                        deciding,
                     )
+                for finding in concerned:
+                    aside[id(finding)] = (
+                        f"; whether {phase} refuses is not certain (see Not checked)"
+                    )
+                continue
+            self.phases[phase] = "refuses" if verdict.code else "passes"
+            if not verdict.code:
+                continue
+            self.codes[phase] = verdict.code
+            base = dispatch(())
+            responsible = [f for f in concerned if verdict.culprit in f.lines]
+            if base.code:
+                # The stack refuses even a user without findings: what refuses
+                # first decides.
+                named = [f for f in self.findings if f.code is not None and f not in judged]
+                self._explain_base(type_, phase, base.code, base.culprit, named + responsible)
+                for finding in concerned:
+                    aside.setdefault(id(finding), "; the stack refuses earlier anyway")
+            else:
+                # Each finding the refusal needs, and each that alone would refuse.
+                others = [[g for g in concerned if g is not f] for f in concerned]
+                needed = [not dispatch(rest).code for rest in others]
+                responsible += [f for f, need in zip(concerned, needed, strict=True) if need]
+                responsible += [f for f in concerned if dispatch([f]).code]
+            for finding in responsible:
+                if phase not in finding.refuses:
+                    finding.refuses.append(phase)
+        for finding in judged:
+            if finding.refuses:
+                finding.severity = ERROR
+            elif finding.severity == ERROR:
+                finding.severity = WARNING
+                finding.cause += aside.get(
+                    id(finding), "; the stack goes on without this module here"
+                )
         for finding in self.findings:
             judged_by_base = finding.kind in ("missing-module", "syntax")
-            predicted = finding.code is not None and not finding.refuses
-            if finding.severity == ERROR and predicted and judged_by_base:
+            if finding.severity == ERROR and judged_by_base and not finding.refuses:
                 finding.severity = WARNING
                 finding.cause += "; the stack goes on without this line"
 
@@ -1307,22 +1588,22 @@ _NUMERIC = {
 _SUCCEED_IF_FLAGS = {"debug", "use_uid", "quiet", "quiet_fail", "quiet_success", "audit"}
 
 
-def _succeed_if(line: Line, user: _User, doctor: _Doctor) -> tuple[bool | None, str] | None:
-    """(all conditions true / one false / None: not checked, the condition text)."""
+def _succeed_if(line: Line, user: _User, doctor: _Doctor) -> tuple[int | None, str] | None:
+    """(0 when every condition holds, the module's code for the first that does not,
+    or None when not checked; the condition's text).
+
+    For a user NSS does not know, conditions on the name are still evaluated;
+    the first that needs the passwd entry fails with PAM_USER_UNKNOWN.
+    """
     words = [w for w in line.arguments if w not in _SUCCEED_IF_FLAGS]
     if len(words) % 3 or not words:
         return None, f"cannot read the conditions {' '.join(words)!r}"
     entry = user.entry
-    if entry is None:
-        return None, "the user is unknown"
-    values = {
-        "user": user.name,
-        "uid": str(entry.pw_uid),
-        "gid": str(entry.pw_gid),
-        "shell": entry.pw_shell,
-        "home": entry.pw_dir,
-        "service": libpam_service_name(doctor.service),
-    }
+    values = {"user": user.name, "service": libpam_service_name(doctor.service)}
+    if entry is not None:
+        values.update(
+            uid=str(entry.pw_uid), gid=str(entry.pw_gid), shell=entry.pw_shell, home=entry.pw_dir
+        )
     if doctor.tty is not None:
         values["tty"] = doctor.tty
     if doctor.rhost is not None:
@@ -1332,6 +1613,8 @@ def _succeed_if(line: Line, user: _User, doctor: _Doctor) -> tuple[bool | None, 
         field, op, wanted = words[index : index + 3]
         text = f"'{field} {op} {wanted}'"
         value = values.get(field)
+        if value is None and entry is None and field in ("uid", "gid", "shell", "home"):
+            return int(ReturnCode.USER_UNKNOWN), f"{text} (NSS does not know the user)"
         if value is None:
             unknown = f"{text} (the {field} is not known here)"
             continue
@@ -1347,7 +1630,7 @@ def _succeed_if(line: Line, user: _User, doctor: _Doctor) -> tuple[bool | None, 
             result = value != wanted
         elif op in ("in", "notin"):
             result = (value in wanted.split(":")) == (op == "in")
-        elif op in ("ingroup", "notingroup") and field == "user":
+        elif op in ("ingroup", "notingroup") and field == "user" and entry is not None:
             member = any(g in user.groups for g in wanted.split(":"))
             result = member == (op == "ingroup")
         elif op in ("=~", "!~") and "\\" not in wanted:
@@ -1357,10 +1640,43 @@ def _succeed_if(line: Line, user: _User, doctor: _Doctor) -> tuple[bool | None, 
         if result is None:
             unknown = f"{text} (not evaluated by the doctor)"
         elif not result:
-            return False, text
+            return int(ReturnCode.AUTH_ERR), text
     if unknown is not None:
         return None, unknown
-    return True, ""
+    return 0, ""
+
+
+def _nologin_file(line: Line) -> str | None:
+    """The file that makes pam_nologin refuse, if it exists."""
+    given = line.option("file")
+    candidates = [given] if given else ["/var/run/nologin", "/etc/nologin"]
+    return next((path for path in candidates if os.path.exists(path)), None)
+
+
+#: Modules that never look the user up: what they return does not depend on it.
+_NO_USER_NEEDED = {"pam_permit", "pam_deny", "pam_rootok", "pam_env", "pam_group", "pam_faildelay"}
+_NO_USER_NEEDED |= {"pam_warn", "pam_selinux"}
+
+
+def _unknown_user_code(line: Line, user: _User, doctor: _Doctor) -> int | None:
+    """What the line's module returns for a user NSS does not know (0: what it
+    returns for anyone); None: not modelled."""
+    name = line.name or ""
+    if name == "pam_succeed_if":
+        subject = _lookup(_name_of_uid(doctor.uid)) if line.flag("use_uid") else user
+        result = _succeed_if(line, subject, doctor)
+        return None if result is None else result[0]
+    if name == "pam_nologin":
+        present = _nologin_file(line) is not None
+        return int(ReturnCode.USER_UNKNOWN if present else ReturnCode.IGNORE)
+    if name == "pam_cap":
+        return int(ReturnCode.IGNORE)
+    if name == "pam_securetty" and doctor.tty is None:
+        return int(ReturnCode.SERVICE_ERR)  # no tty: it fails before it looks the user up
+    if name in _NO_USER_NEEDED:
+        return 0  # as for anyone: outcome() says what it returns
+    code = _UNKNOWN_USER_CODES.get(name, {}).get(line.type)
+    return None if code is None else int(code)
 
 
 # -- running the phases -----------------------------------------------------------
@@ -1382,6 +1698,12 @@ def _run_operations(
 
     parsed = [cli.parse_operation(text) for text in operations]
     terminal = cli.Terminal(stdin, stderr)
+    # The report comes after the run: say first what the prompts below are for.
+    stderr.write(
+        f"pamphlet doctor: running {', '.join(operations)} for {report.user!r} "
+        f"(service {report.service!r}); answers are read from standard input\n"
+    )
+    stderr.flush()
     # Through a broker, the broker's own confdir applies; --confdir only says
     # where the doctor reads the stack.
     where: dict[str, Any] = (
@@ -1407,8 +1729,11 @@ def _run_operations(
             try:
                 phase(app, operation.flags)
             except PamError as error:
+                unanswered = error.__cause__ if isinstance(error.__cause__, EOFError) else None
+                text = error.strerror if unanswered is None else str(unanswered)
+                name = type(error).__name__
                 report.runs.append(
-                    RunResult(operation.name, int(error.code), type(error).__name__, error.strerror)
+                    RunResult(operation.name, int(error.code), name, text, unanswered is None)
                 )
                 return
             except BrokerError as refused:
@@ -1421,7 +1746,7 @@ def _run_operations(
 
 def _attach_runs(report: Report) -> None:
     for run in report.runs:
-        if run.code == 0:
+        if run.code == 0 or not run.answered:
             continue
         seen = f"{run.operation} failed: {run.error} ({run.code})"
         type_ = TYPE_OF_OPERATION.get(run.operation)
@@ -1450,15 +1775,19 @@ def diagnose(
     run: Sequence[str] = (),
     stdin: IO[str] | None = None,
     stderr: IO[str] | None = None,
+    password_known: bool = True,
 ) -> Report:
     """Say why ``service`` would refuse ``user``; see the module's documentation.
+
+    The prediction assumes the user types the right password (and picks a
+    new one the stack accepts); ``password_known=False`` predicts a wrong one.
 
     ``run`` names operations to run for real, as ``pamphlet SERVICE USER OPS``
     does (prompts go to ``stderr`` and read ``stdin``); each failure is attached
     to the findings that explain it. Without ``run`` nothing asks for a
     password and nothing changes.
     """
-    doctor = _Doctor(service, user, confdir, broker, tty, rhost)
+    doctor = _Doctor(service, user, confdir, broker, tty, rhost, password_known)
     doctor.check_stack()
     doctor.check_caller()
     doctor.check_container()
@@ -1483,7 +1812,17 @@ def diagnose(
             "shell": entry.pw_shell,
         }
     report = Report(
-        service, user, confdir, broker, caller, doctor.stack, user_info, doctor.findings
+        service,
+        user,
+        confdir,
+        broker,
+        caller,
+        doctor.stack,
+        user_info,
+        doctor.findings,
+        phases=doctor.phases,
+        undecided=doctor.undecided,
+        codes=doctor.codes,
     )
     if run:
         if user is None:
