@@ -17,7 +17,8 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar, Self, overload
 
-from ._transaction import Transaction
+from . import conversation
+from ._transaction import StartTransport, Transaction, c_string
 from .constants import Flag, Item, Phase, phase_flags
 from .environ import PamEnvironment
 from .message import Message
@@ -89,18 +90,36 @@ class ApplicationBase:
             user = user_name
         if service is None:
             raise TypeError(f"{type(self).__name__} needs a service name")
-        if confdir is None and broker is None:  # a broker reads its own confdir
-            confdir = self.default_confdir or PamApplication.default_confdir
         self._fail_delay: FailDelay | None = None
         self._transaction = Transaction(
             service,
             user,
-            confdir=confdir,
             encoding=encoding,
             application=self,
             guard=type(self)._new_guard(),
-            broker=None if broker is None else os.fspath(broker),
+            start=self._transport_start(confdir, broker, encoding),
         )
+
+    def _transport_start(
+        self,
+        confdir: str | os.PathLike[str] | None,
+        broker: str | os.PathLike[str] | None,
+        encoding: str,
+    ) -> StartTransport:
+        """What carries the handle: libpam in this process, or a worker of the broker."""
+        if broker is not None:
+            if confdir is not None:
+                raise ValueError(
+                    "confdir= cannot be used with broker=: the broker reads its own PAM "
+                    "configuration"
+                )
+            from .broker import client
+
+            return functools.partial(client.start, os.fspath(broker))
+        if confdir is None:
+            confdir = self.default_confdir or PamApplication.default_confdir
+        raw_confdir = None if confdir is None else c_string(str(confdir), "confdir", encoding)
+        return functools.partial(conversation.open_in_process, raw_confdir)
 
     @property
     def encoding(self) -> str:

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from . import _libpam
 from .constants import PAM_MAX_NUM_MSG, ReturnCode
+from .errors import pam_error
 from .message import _KINDS, PAM_BINARY_PROMPT, Message
 
 if TYPE_CHECKING:
     from ._transaction import Conversant
 
-__all__ = ["ConversationProtocolError", "encode_answers", "start_in_process"]
+__all__ = ["ConversationProtocolError", "encode_answers", "open_in_process", "start_in_process"]
 
 # Each style pamphlet answers, to its Message subclass (which takes the text alone).
 _ANSWERED_KINDS = {int(style): kind for style, kind in _KINDS.items() if style != PAM_BINARY_PROMPT}
@@ -127,11 +128,16 @@ def _conversant(appdata: int | None) -> Conversant | None:
     return None if reference is None else reference()
 
 
-def _converse(num_msg: int, msg: int | None, resp: int | None, appdata: int | None) -> int:
-    conversant = _conversant(appdata)
-    if conversant is None:
-        return _CONV_ERR
+def _conversation_callback(
+    num_msg: int, msg: int | None, resp: int | None, appdata: int | None
+) -> int:
+    # A signal that arrives as libpam calls in is held by _transaction's
+    # deferring handler until the conversant takes it: nothing reaches ctypes here.
+    conversant = None
     try:
+        conversant = _conversant(appdata)
+        if conversant is None:
+            return _CONV_ERR
         if num_msg <= 0 or num_msg > PAM_MAX_NUM_MSG:
             raise ConversationProtocolError(
                 f"a module asked for a conversation of {num_msg} messages "
@@ -152,19 +158,12 @@ def _converse(num_msg: int, msg: int | None, resp: int | None, appdata: int | No
             raise MemoryError("could not allocate the conversation's responses")
         return _SUCCESS
     except BaseException as exc:
-        conversant.fail(exc)
-        return _BUF_ERR if isinstance(exc, MemoryError) else _CONV_ERR
-
-
-def _conversation_callback(
-    num_msg: int, msg: int | None, resp: int | None, appdata: int | None
-) -> int:
-    # A signal that arrives as libpam calls in is held by _transaction's
-    # HeldSignals until the conversant takes it: nothing reaches ctypes here.
-    try:
-        return _converse(num_msg, msg, resp, appdata)
-    except BaseException:  # pragma: no cover - _converse hands every error over
-        return _CONV_ERR
+        try:
+            if conversant is not None:
+                conversant.fail(exc)
+            return _BUF_ERR if isinstance(exc, MemoryError) else _CONV_ERR
+        except BaseException:  # pragma: no cover - last line of defence
+            return _CONV_ERR
 
 
 def _fail_delay_callback(status: int, delay_usec: int, appdata: int | None) -> None:
@@ -193,6 +192,17 @@ def register(conversant: Conversant) -> int:
 
 def unregister(key: int) -> None:
     _conversants.pop(key, None)
+
+
+def open_in_process(
+    confdir: bytes | None, service: bytes, user: bytes | None, conversant: Conversant
+) -> _libpam.Handle:
+    """The in-process transport (a StartTransport once ``confdir`` is bound):
+    the handle, or the PamError of pam_start's code."""
+    code, handle = start_in_process(service, user, confdir, conversant)
+    if handle is None:
+        raise pam_error(code, f"pam_start failed: {_libpam.strerror(_libpam.NULL_HANDLE, code)}")
+    return handle
 
 
 def start_in_process(
