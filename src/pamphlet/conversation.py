@@ -59,8 +59,14 @@ def make_messages(raw: Iterable[tuple[int, bytes]], encoding: str) -> list[Messa
     return messages
 
 
-def _answer_list(answers: Any, count: int) -> list[Any]:
-    """The conversation's return value as a list of ``count`` answers."""
+def encode_answers(messages: Sequence[Message], answers: Any, encoding: str) -> list[bytes | None]:
+    """Check the conversation's answers and turn them into C strings.
+
+    One answer per message. Prompts need a str or bytes answer with no NUL,
+    never truncated; info and error messages may be answered with anything
+    string-like or None, and get a NULL response either way (checked all the
+    same: a wrong type is a bug to report).
+    """
     if answers is None or isinstance(answers, (str, bytes)):
         raise TypeError(
             "the conversation must return or yield one answer per message, "
@@ -73,48 +79,36 @@ def _answer_list(answers: Any, count: int) -> list[Any]:
             "the conversation must return or yield one answer per message, "
             f"not {type(answers).__name__}"
         ) from None
-    if len(checked) != count:
-        raise ValueError(f"the conversation gave {len(checked)} answers to {count} messages")
-    return checked
-
-
-def _encode_answer(index: int, message: Message, answer: Any, encoding: str) -> bytes | None:
-    """One answer as the C string PAM will see: a prompt's never truncated,
-    anything else's NULL (checked all the same: a wrong type is a bug to report)."""
-    if answer is None and not message.is_prompt:
-        return None
-    # Exact bytes, whatever subclass came in: str.encode and the buffer
-    # protocol cannot be overridden, so the NUL test below sees what PAM will.
-    if isinstance(answer, str):
-        data = str.encode(answer, encoding, "surrogateescape")
-    elif isinstance(answer, (bytes, bytearray, memoryview)):
-        data = bytes(memoryview(answer))
-    else:
-        raise TypeError(
-            f"answer {index} to {message!r} must be str or bytes, not {type(answer).__name__}"
-        )
-    if not message.is_prompt:
-        return None
-    if 0 in data:  # the byte value NUL
+    if len(checked) != len(messages):
         raise ValueError(
-            f"answer {index} to {message!r} contains a NUL byte; PAM would "
-            "see only the part before it"
+            f"the conversation gave {len(checked)} answers to {len(messages)} messages"
         )
-    return data
-
-
-def encode_answers(messages: Sequence[Message], answers: Any, encoding: str) -> list[bytes | None]:
-    """Check the conversation's answers and turn them into C strings.
-
-    Prompts need a str or bytes answer with no NUL; info and error messages
-    may be answered with anything string-like or None, and get a NULL
-    response either way.
-    """
-    checked = _answer_list(answers, len(messages))
-    return [
-        _encode_answer(index, message, answer, encoding)
-        for index, (message, answer) in enumerate(zip(messages, checked, strict=True))
-    ]
+    encoded: list[bytes | None] = []
+    for index, answer in enumerate(checked):
+        message = messages[index]
+        if answer is None and not message.is_prompt:
+            encoded.append(None)
+            continue
+        # Exact bytes, whatever subclass came in: str.encode and the buffer
+        # protocol cannot be overridden, so the NUL test below sees what PAM will.
+        if isinstance(answer, str):
+            data = str.encode(answer, encoding, "surrogateescape")
+        elif isinstance(answer, (bytes, bytearray, memoryview)):
+            data = bytes(memoryview(answer))
+        else:
+            raise TypeError(
+                f"answer {index} to {message!r} must be str or bytes, not {type(answer).__name__}"
+            )
+        if not message.is_prompt:
+            encoded.append(None)
+        elif 0 in data:  # the byte value NUL
+            raise ValueError(
+                f"answer {index} to {message!r} contains a NUL byte; PAM would "
+                "see only the part before it"
+            )
+        else:
+            encoded.append(data)
+    return encoded
 
 
 # key -> the conversant, weakly: an application nobody ended can still be
