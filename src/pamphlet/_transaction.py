@@ -253,8 +253,8 @@ class Transaction:
         self._failure: BaseException | None = None
         self._holding = False  # whether the call inside libpam holds signals
         self._held_before = False  # and whether they were held before it (nested phases)
-        raw_service = self.encode(service, "service name")
-        raw_user = None if user is None else self.encode(user, "user name")
+        raw_service = c_string(service, "service name", encoding)
+        raw_user = None if user is None else c_string(user, "user name", encoding)
         # _handle is the transport until pam_end; _transport is the same
         # object for every entry point until end() begins, then None.
         self._handle: Transport | None = start(raw_service, raw_user, self)

@@ -129,7 +129,8 @@ def _conversation_callback(
     # deferring handler until the conversant takes it: nothing reaches ctypes here.
     conversant = None
     try:
-        conversant = _conversant(appdata)
+        reference = _conversants.get(appdata or 0)
+        conversant = None if reference is None else reference()
         if conversant is None:
             return _CONV_ERR
         if num_msg <= 0 or num_msg > PAM_MAX_NUM_MSG:
