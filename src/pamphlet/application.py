@@ -8,9 +8,9 @@ drive the handle through one private :class:`~pamphlet._transaction.Transaction`
 
 from __future__ import annotations
 
+import _thread
 import functools
 import os
-import threading
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -68,7 +68,8 @@ class ApplicationBase:
 
     # What serialises the use of the handle; the flavours that run phases on
     # threads of their own use their guard.
-    _new_guard: ClassVar[Callable[[], AbstractContextManager[Any]]] = threading.RLock
+    # (_thread's own: threading.RLock is a Python function in front of it.)
+    _new_guard: ClassVar[Callable[[], AbstractContextManager[Any]]] = _thread.RLock
 
     _transaction: Transaction
 

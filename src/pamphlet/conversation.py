@@ -205,16 +205,10 @@ def start_in_process(
 ) -> tuple[int, _libpam.Handle | None]:
     """Start libpam in this process with ``conversant`` answering its conversation."""
     key = register(conversant)
-    release = functools.partial(unregister, key)
+    release = functools.partial(_conversants.pop, key, None)  # unregister, without a frame
     try:
         code, handle = _libpam.Handle.start(
-            service,
-            user,
-            confdir,
-            conversation=CONVERSATION_CALLBACK,
-            fail_delay=FAIL_DELAY_CALLBACK,
-            appdata=key,
-            release=release,
+            service, user, confdir, CONVERSATION_CALLBACK, FAIL_DELAY_CALLBACK, key, release
         )
     except BaseException:
         release()
