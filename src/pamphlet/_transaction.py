@@ -145,34 +145,23 @@ class _Deferrer:
 
 
 class _SignalDeferral:
-    """The process's held signals: whether a phase holds them, and those held."""
+    """The process's held signals: whether a phase holds them, and those held.
 
-    __slots__ = ("holding", "pending", "_watched", "_installed")
+    ``installed`` turns False when a handler installed over one of ours frees
+    it (a weak reference's callback says so at once), so each phase checks
+    one attribute, not the interpreter's table of handlers: signal.getsignal
+    costs more than the whole phase on Python 3.11 (it raises inside Enum for
+    every callable handler).
+    """
+
+    __slots__ = ("holding", "pending", "installed", "_watched")
 
     def __init__(self) -> None:
         # A phase is inside libpam on the main thread, outside its conversation.
         self.holding = False
         self.pending: list[tuple[_Handler, int, FrameType | None]] = []
+        self.installed = False
         self._watched: tuple[weakref.ref[_Deferrer], ...] = ()
-        self._installed = False
-
-    def hold(self) -> bool:
-        """Hold signals from now (on the main thread); whether they were held already."""
-        if not self._installed:
-            self._install()
-        else:
-            for deferrer in self._watched:
-                if deferrer() is None:  # a handler was installed over ours
-                    self._install()
-                    break
-        held, self.holding = self.holding, True
-        return held
-
-    def release(self, held: bool) -> None:
-        """Back to the state ``hold`` found; signals held meanwhile act now (they may raise)."""
-        self.holding = held
-        if self.pending and not held:
-            self.deliver()
 
     def deliver(self) -> None:
         """Run the handlers of the signals held so far (they may raise)."""
@@ -181,7 +170,8 @@ class _SignalDeferral:
             handler, signum, frame = pending.pop(0)
             handler(signum, frame)
 
-    def _install(self) -> None:
+    def install(self) -> None:
+        """Put a deferrer in front of every Python-level handler of the held signals."""
         watched = []
         for signum in _HELD_SIGNALS:
             handler = signal.getsignal(signum)
@@ -190,9 +180,12 @@ class _SignalDeferral:
                     continue  # SIG_DFL, SIG_IGN or a C handler: nothing runs Python code
                 handler = _Deferrer(handler)
                 signal.signal(signum, handler)
-            watched.append(weakref.ref(handler))
+            watched.append(weakref.ref(handler, self._lost))
         self._watched = tuple(watched)
-        self._installed = True
+        self.installed = True
+
+    def _lost(self, _: weakref.ref[_Deferrer]) -> None:
+        self.installed = False  # the next phase on the main thread installs again
 
 
 _deferral = _SignalDeferral()
@@ -318,8 +311,11 @@ class Transaction:
             raise RuntimeError(f"cannot {action} from inside the conversation of a running phase")
         self._caller = me
         if me == _MAIN_THREAD:
+            deferral = _deferral
+            if not deferral.installed:
+                deferral.install()
             self._holding = True
-            self._held_before = _deferral.hold()
+            self._held_before, deferral.holding = deferral.holding, True
         return transport
 
     def _leave_call(self) -> BaseException | None:
@@ -327,8 +323,12 @@ class Transaction:
         failure = self._failure
         self._failure = self._caller = None
         if self._holding:
+            # Back to the state the call found (nested phases); signals held
+            # meanwhile act now (they may raise).
             self._holding = False
-            _deferral.release(self._held_before)
+            held = _deferral.holding = self._held_before
+            if _deferral.pending and not held:
+                _deferral.deliver()
         return failure
 
     @staticmethod
