@@ -10,7 +10,8 @@ they always did.
 from __future__ import annotations
 
 from conftest import run_python
-from hostile_module import Call, read_record
+from hostile_module import read_record
+from test_core_defects import interrupting_stack
 
 PROBE = """
 import os, signal, sys, time
@@ -58,11 +59,7 @@ with TemporaryService(plain) as first, TemporaryService(stack) as service:
 
 
 def test_a_handler_installed_after_the_first_phase_is_held_too(scripted, tmp_path):
-    script = tmp_path / "interrupt.sh"
-    script.write_text("#!/bin/sh\nkill -INT $PPID\nsleep 0.2\n")
-    script.chmod(0o755)
-    line, record = scripted.line([Call([(1, b"Password: ")], expect=[b"secret"])])
-    stack = f"auth required pam_exec.so {script}\n{line}\n"
+    stack, record = interrupting_stack(scripted, tmp_path)
     for _ in range(3):  # the signal's timing is the kernel's: try it a few times
         proc = run_python(PROBE, stack, "auth required pam_permit.so")
         assert "Exception ignored" not in proc.stderr, proc.stderr
