@@ -224,6 +224,22 @@ class Transaction:
     This is the one place that decides it.
     """
 
+    __slots__ = (
+        "encoding",
+        "guard",
+        "_application",
+        "_last_status",
+        "_session_open",
+        "_credentials_established",
+        "_caller",
+        "_failure",
+        "_holding",
+        "_held_before",
+        "_handle",
+        "_transport",
+        "__weakref__",  # the conversation's registry holds the transaction weakly
+    )
+
     def __init__(
         self,
         service: str,
