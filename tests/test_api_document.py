@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -208,3 +209,23 @@ def test_items_of_the_document_are_properties():
     ).split():
         assert f"`app.{name}`" in TEXT
         assert getattr(pamphlet.PamApplication, name).__class__.__name__ == "_StringItem"
+
+
+def test_threaded_pam_application_is_the_documents_subclass(matrix):
+    # "the ThreadedPamApplication subclass": code written against the document
+    # checks isinstance(app, pamphlet.PamApplication).
+    assert issubclass(pamphlet.ThreadedPamApplication, pamphlet.PamApplication)
+    app = pamphlet.ThreadedPamApplication(matrix.name, "bob", confdir=matrix.confdir)
+    assert isinstance(app, pamphlet.PamApplication)
+    # The document's one difference: authenticate returns the phase's thread.
+    thread = app.authenticate()
+    assert isinstance(thread, threading.Thread)
+    assert app.get_data(timeout=30) == ["Password: "]
+    app.set_input(["secret"])
+    assert app.get_data(timeout=30) is None
+    app.account_management()  # PamApplication's own, inherited
+    app.end()
+    assert not thread.is_alive()  # end() joined it
+    # Not in the document: every phase of AsyncPamApplication is a coroutine,
+    # so it would break every promise PamApplication's methods make.
+    assert not issubclass(pamphlet.AsyncPamApplication, pamphlet.PamApplication)

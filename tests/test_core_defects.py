@@ -78,18 +78,23 @@ with TemporaryService(stack) as service:
 """
 
 
-def test_defect2_sigint_as_libpam_calls_the_conversation_is_conv_err_and_keyboardinterrupt(
-    scripted, tmp_path
-):
-    # pam_exec's script sends SIGINT to the application while libpam is in C;
-    # Python sees it at the first bytecode it runs: the conversation callback
-    # that the next module calls. It must not reach ctypes (which would print
-    # "Exception ignored" and hand the module an undefined code).
+def interrupting_stack(scripted, tmp_path):
+    """pam_exec's script sends SIGINT to the application while libpam is in C,
+    then a module asks; returns the stack and the module's record."""
     script = tmp_path / "interrupt.sh"
     script.write_text("#!/bin/sh\nkill -INT $PPID\nsleep 0.2\n")
     script.chmod(0o755)
     line, record = scripted.line([Call([(1, b"Password: ")], expect=[b"secret"])])
-    stack = f"auth required pam_exec.so {script}\n{line}\n"
+    return f"auth required pam_exec.so {script}\n{line}\n", record
+
+
+def test_defect2_sigint_as_libpam_calls_the_conversation_is_conv_err_and_keyboardinterrupt(
+    scripted, tmp_path
+):
+    # Python sees the signal at the first bytecode it runs: the conversation
+    # callback that the next module calls. It must not reach ctypes (which
+    # would print "Exception ignored" and hand the module an undefined code).
+    stack, record = interrupting_stack(scripted, tmp_path)
     for _ in range(3):  # the signal's timing is the kernel's: try it a few times
         proc = run_python(SIGINT_PROBE, stack)
         assert "Exception ignored" not in proc.stderr, proc.stderr

@@ -440,6 +440,7 @@ def test_document_ssh_interface_as_written(matrix, password, expected):
         interface = SshAuthInterface(matrix.name)
         assert interface.get_allowed_auths("bob") == "keyboard-interactive"
         query = interface.check_auth_interactive("bob", "")
+        assert isinstance(interface.pam, pamphlet.PamApplication)  # "the subclass"
         assert isinstance(query, paramiko.server.InteractiveQuery)
         assert query.prompts == [("Password: ", False)]  # echo off for a password
         result = interface.check_auth_interactive_response([password])

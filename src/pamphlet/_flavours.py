@@ -17,8 +17,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Concatenate, ParamSpec, TypeVar
 
+from ._transaction import Transaction
 from .application import ApplicationBase
-from .errors import ConversationAborted, ConversationStateError, HandleBusyError
+from .errors import ConversationAborted, HandleBusyError
 
 __all__ = ["HandleGuard", "PhaseThread", "wrap_phase"]
 
@@ -120,16 +121,20 @@ class PhaseThread:
     """One phase at a time on a thread of its own, its abort, and the ending sequence.
 
     ``state`` guards what a flavour keeps about the conversation in progress;
-    waiting flavours wait on it and abort() wakes them.
+    waiting flavours wait on it and abort() wakes them. Whether the handle
+    may still start a phase is the transaction's to say.
     """
 
-    def __init__(self, guard: HandleGuard) -> None:
+    def __init__(self, transaction: Transaction) -> None:
+        guard = transaction.guard
+        if not isinstance(guard, HandleGuard):
+            raise TypeError("phases on threads of their own need a HandleGuard")
         self.guard = guard
+        self.transaction = transaction
         self.state = threading.Condition(threading.Lock())
         self.running = False
         self.aborted = False
         self.abort_reason = ""
-        self.ending = False
         self._ident: int | None = None
         self._thread: threading.Thread | None = None
         self.on_abort: Callable[[], None] = lambda: None
@@ -150,8 +155,9 @@ class PhaseThread:
         stalls an event loop while a thousand others hold the GIL.
         """
         with self.state:
-            if self.ending:
-                raise ConversationStateError("this PAM application is being ended")
+            # Under ``state``: begin_ending() either sees this phase running
+            # or this start sees the handle ending; never neither.
+            self.transaction.check_open()
             if self.running:
                 raise HandleBusyError(
                     "a PAM phase is already running on this handle: wait for its outcome "
@@ -221,9 +227,9 @@ class PhaseThread:
         self.state.notify_all()
 
     def begin_ending(self) -> bool:
-        """Refuse new phases and abort the running one; whether one was running."""
+        """Refuse everything from now, abort the running phase; whether one was running."""
+        self.transaction.begin_end()
         with self.state:
-            self.ending = True
             if self.running:
                 self.abort_locked("the handle is being ended")
             return self.running

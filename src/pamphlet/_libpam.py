@@ -182,7 +182,7 @@ class Handle:
     __slots__ = ("_pointer", "_conv", "_fail_delay", "_release")
 
     def __init__(
-        self, pointer: c_void_p, conv: PamConv, fail_delay: Any, release: Callable[[], None]
+        self, pointer: c_void_p, conv: PamConv, fail_delay: Any, release: Callable[[], object]
     ) -> None:
         self._pointer = pointer
         self._conv = conv
@@ -195,11 +195,10 @@ class Handle:
         service: bytes,
         user: bytes | None,
         confdir: bytes | None,
-        *,
         conversation: Any,
         fail_delay: Any,
         appdata: int,
-        release: Callable[[], None],
+        release: Callable[[], object],
     ) -> tuple[int, Handle | None]:
         """pam_start (pam_start_confdir with a confdir): the code, and the handle on success.
 

@@ -10,7 +10,6 @@ them, and keeps the first failure for the phase to raise.
 
 from __future__ import annotations
 
-import importlib
 import signal
 import threading
 import weakref
@@ -19,13 +18,19 @@ from contextlib import AbstractContextManager
 from types import FrameType
 from typing import Any, Protocol
 
-from . import _libpam, conversation
+from . import conversation
 from .constants import STRING_ITEMS, Flag, Item, Phase, ReturnCode
 from .conversation import ConversationProtocolError
-from .errors import ConversationError, HandleBusyError, HandleEndedError, pam_error
+from .errors import (
+    ConversationError,
+    ConversationStateError,
+    HandleBusyError,
+    HandleEndedError,
+    pam_error,
+)
 from .message import Message
 
-__all__ = ["Conversant", "Transport", "Transaction", "Application"]
+__all__ = ["Conversant", "Transport", "StartTransport", "Transaction", "Application", "c_string"]
 
 _SUCCESS = int(ReturnCode.SUCCESS)
 _BAD_ITEM = int(ReturnCode.BAD_ITEM)
@@ -93,97 +98,159 @@ class Application(Protocol):
         """libpam asked for a failure delay."""
 
 
-# The C functions behind signal.getsignal and signal.signal: those wrappers turn
-# every number into an enum, which costs more than the rest of a phase.
-_signal: Any = importlib.import_module("_signal")
-# Signals whose Python handlers are held while a phase runs on the main thread.
-_HELD_SIGNALS = tuple(
-    int(getattr(signal, name))
-    # KeyboardInterrupt, and the SystemExit a server's SIGTERM handler raises
-    for name in ("SIGINT", "SIGTERM")
-)
+#: How the application gives a transaction its transport:
+#: ``start(service, user, conversant)`` starts a handle that ``conversant``
+#: answers for, or raises the PamError of pam_start's code.
+StartTransport = Callable[[bytes, "bytes | None", Conversant], Transport]
 
 
-class HeldSignals:
-    """Python signal handlers held back while a phase runs inside libpam.
+# -- signals ---------------------------------------------------------------------
+# A Python signal handler that raises (SIGINT's KeyboardInterrupt, the
+# SystemExit of a server's SIGTERM handler) at the first bytecode of a ctypes
+# callback raises where ctypes swallows it, and libpam gets an undefined return
+# code; raised right after a phase, it loses what the phase opened. So the
+# first time a phase runs on the main thread (the only thread that runs Python
+# signal handlers), a deferring handler takes the place of each Python-level
+# handler of these signals, once, for good: while a phase is inside libpam on
+# the main thread it records the signal, inside the conversation (where a
+# failure becomes PAM_CONV_ERR) and at every other time it calls the handler
+# it stands in for at once.
+_HELD_SIGNALS = (int(signal.SIGINT), int(signal.SIGTERM))
 
-    A handler that raises (SIGINT's KeyboardInterrupt) at the first bytecode
-    of a ctypes callback raises where ctypes swallows it, and libpam gets an
-    undefined return code. So while a phase runs on the main thread (the only
-    thread that runs Python signal handlers), signals are recorded; they act
-    at once inside the conversation, where a failure becomes PAM_CONV_ERR,
-    and the rest act when the phase is over.
+
+_Handler = Callable[[int, "FrameType | None"], Any]
+
+
+class _Deferrer:
+    """The handler of one signal in front of the handler it stands in for.
+
+    Nothing of pamphlet's holds it but the interpreter's table of handlers,
+    so a handler installed over it frees it, and a weak reference tells each
+    phase so for the price of one call.
     """
 
-    __slots__ = ("conversing", "_pending", "_saved")
+    __slots__ = ("original", "__weakref__")
 
-    def __init__(self) -> None:
-        self.conversing = False
-        self._pending: list[tuple[int, FrameType | None]] = []
-        self._saved: dict[int, Any] = {}
-
-    def hold(self) -> None:
-        """Put our recorder in place of every Python-level handler."""
-        for signum in _HELD_SIGNALS:
-            handler = _signal.getsignal(signum)
-            if callable(handler):
-                self._saved[signum] = handler
-                _signal.signal(signum, self)  # this object is the handler: no bound method
+    def __init__(self, original: _Handler) -> None:
+        self.original = original
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        """The handler while held: record the signal, or pass it on inside the conversation."""
-        if self.conversing:
-            self._saved[signum](signum, frame)
+        if _deferral.holding:
+            _deferral.pending.append((self.original, signum, frame))
         else:
-            self._pending.append((signum, frame))
+            self.original(signum, frame)
+
+    def __repr__(self) -> str:
+        return f"<pamphlet: deferring to {self.original!r} while libpam runs>"
+
+
+class _SignalDeferral:
+    """The process's held signals: whether a phase holds them, and those held.
+
+    ``installed`` turns False when a handler installed over one of ours frees
+    it (a weak reference's callback says so at once), so each phase checks
+    one attribute, not the interpreter's table of handlers: signal.getsignal
+    costs more than the whole phase on Python 3.11 (it raises inside Enum for
+    every callable handler).
+    """
+
+    __slots__ = ("holding", "pending", "installed", "_watched")
+
+    def __init__(self) -> None:
+        # A phase is inside libpam on the main thread, outside its conversation.
+        self.holding = False
+        self.pending: list[tuple[_Handler, int, FrameType | None]] = []
+        self.installed = False
+        self._watched: tuple[weakref.ref[_Deferrer], ...] = ()
 
     def deliver(self) -> None:
         """Run the handlers of the signals held so far (they may raise)."""
-        while self._pending:  # one that raises leaves the rest for the next release
-            signum, frame = self._pending.pop(0)
-            self._saved[signum](signum, frame)
+        pending = self.pending
+        while pending:  # one that raises leaves the rest for the next release
+            handler, signum, frame = pending.pop(0)
+            handler(signum, frame)
 
-    def release(self) -> None:
-        """Put the handlers back, then run those of the signals held (they may raise)."""
-        for signum, handler in self._saved.items():
-            if _signal.getsignal(signum) is self:
-                _signal.signal(signum, handler)
-        if self._pending:
-            self.deliver()
+    def install(self) -> None:
+        """Put a deferrer in front of every Python-level handler of the held signals."""
+        watched = []
+        for signum in _HELD_SIGNALS:
+            handler = signal.getsignal(signum)
+            if not isinstance(handler, _Deferrer):
+                if not callable(handler):
+                    continue  # SIG_DFL, SIG_IGN or a C handler: nothing runs Python code
+                handler = _Deferrer(handler)
+                signal.signal(signum, handler)
+            watched.append(weakref.ref(handler, self._lost))
+        self._watched = tuple(watched)
+        self.installed = True
+
+    def _lost(self, _: weakref.ref[_Deferrer]) -> None:
+        self.installed = False  # the next phase on the main thread installs again
+
+
+_deferral = _SignalDeferral()
+_MAIN_THREAD = threading.main_thread().ident
+_get_ident = threading.get_ident
+
+
+def c_string(value: str, what: str, encoding: str) -> bytes:
+    """``value`` (the ``what``) as the C string libpam will see; never truncated."""
+    if not isinstance(value, str):
+        raise TypeError(f"the {what} must be str, not {type(value).__name__}")
+    # str.encode, not value.encode: a str subclass cannot change what PAM sees.
+    raw = str.encode(value, encoding, "surrogateescape")
+    if 0 in raw:  # the byte value NUL
+        raise ValueError(f"the {what} {value!r} contains a NUL byte")
+    return raw
 
 
 def _nobody() -> None:
     """An application reference that is gone: the conversation gets PAM_CONV_ERR."""
 
 
-_MAIN_THREAD = threading.main_thread().ident
-
-
 class Transaction:
     """One PAM handle: phases, items, environment and end, over a transport.
 
-    ``guard`` serialises the handle's use (a lock, or the flavours' guard).
-    The application is held weakly: a transaction never keeps its
-    application alive, so an application nobody ended is collected and its
-    finalizer ends the handle.
+    ``start`` is how the application starts the transport (libpam here, or
+    the broker); the transaction knows nothing of either. ``guard``
+    serialises the handle's use (a lock, or the flavours' guard). The
+    application is held weakly: a transaction never keeps its application
+    alive, so an application nobody ended is collected and its finalizer ends
+    the handle.
+
+    Ending is a state: from the moment end() (or begin_end()) begins, on any
+    thread, every phase, get_user, item and environment call is refused with
+    ConversationStateError, and HandleEndedError once the handle has ended.
+    This is the one place that decides it.
     """
+
+    __slots__ = (
+        "encoding",
+        "guard",
+        "_application",
+        "_last_status",
+        "_session_open",
+        "_credentials_established",
+        "results",
+        "_caller",
+        "_failure",
+        "_holding",
+        "_held_before",
+        "_handle",
+        "_transport",
+        "__weakref__",  # the conversation's registry holds the transaction weakly
+    )
 
     def __init__(
         self,
         service: str,
         user: str | None,
         *,
-        confdir: str | None,
         encoding: str,
         application: Application,
         guard: AbstractContextManager[Any],
-        broker: str | None = None,
-        broker_uid: int | None = None,
+        start: StartTransport,
     ) -> None:
-        if broker is not None and confdir is not None:
-            raise ValueError(
-                "confdir= cannot be used with broker=: the broker reads its own PAM configuration"
-            )
         if encoding != "utf-8":
             "".encode(encoding)  # an unknown encoding fails here, not mid-phase
         self.encoding = encoding
@@ -197,64 +264,63 @@ class Transaction:
         self.results: dict[Phase, int] = {}
         self._caller: int | None = None  # the thread inside a libpam call, while one runs
         self._failure: BaseException | None = None
-        self._held: HeldSignals | None = None  # while a call on the main thread holds them
-        self._signals: HeldSignals | None = None  # made on the first such call
-        raw_service = self.encode(service, "service name")
-        raw_user = None if user is None else self.encode(user, "user name")
-        raw_confdir = None if confdir is None else self.encode(str(confdir), "confdir")
-        if broker is not None:  # the transport: the broker's worker, or libpam here
-            from .broker import client
-
-            self._transport: Transport | None = client.start(
-                broker, raw_service, raw_user, self, broker_uid=broker_uid
-            )
-            return
-        code, handle = conversation.start_in_process(raw_service, raw_user, raw_confdir, self)
-        if handle is None:
-            raise pam_error(
-                code, f"pam_start failed: {_libpam.strerror(_libpam.NULL_HANDLE, code)}"
-            )
-        self._transport = handle
+        self._holding = False  # whether the call inside libpam holds signals
+        self._held_before = False  # and whether they were held before it (nested phases)
+        raw_service = c_string(service, "service name", encoding)
+        raw_user = None if user is None else c_string(user, "user name", encoding)
+        # _handle is the transport until pam_end; _transport is the same
+        # object for every entry point until end() begins, then None.
+        self._handle: Transport | None = start(raw_service, raw_user, self)
+        self._transport: Transport | None = self._handle
 
     # -- strings ---------------------------------------------------------------
 
     def encode(self, value: str, what: str) -> bytes:
         """``value`` as the C string libpam will see; never truncated."""
-        if not isinstance(value, str):
-            raise TypeError(f"the {what} must be str, not {type(value).__name__}")
-        raw = str.encode(value, self.encoding, "surrogateescape")
-        if 0 in raw:  # the byte value NUL
-            raise ValueError(f"the {what} {value!r} contains a NUL byte")
-        return raw
+        return c_string(value, what, self.encoding)
 
     def decode(self, raw: bytes) -> str:
         return raw.decode(self.encoding, "surrogateescape")
 
-    # -- the handle --------------------------------------------------------------
+    # -- the handle's state ------------------------------------------------------
 
     @property
     def ended(self) -> bool:
-        return self._transport is None
+        return self._handle is None
+
+    @property
+    def open(self) -> bool:
+        """False from the moment end() begins."""
+        return self._transport is not None
 
     def check_open(self) -> None:
-        """Raise HandleEndedError once the handle has been ended."""
-        self._require()
+        """Raise ConversationStateError once end() has begun, HandleEndedError once it is over."""
+        if self._transport is None:
+            raise self._refusal()
+
+    def _refusal(self) -> Exception:
+        if self._handle is None:
+            return HandleEndedError("this PAM handle has been ended; start a new one")
+        return ConversationStateError("this PAM handle is being ended: nothing more may run on it")
 
     def _require(self) -> Transport:
         transport = self._transport
         if transport is None:
-            raise HandleEndedError("this PAM handle has been ended; start a new one")
+            raise self._refusal()
         return transport
 
-    def _check(self, code: int) -> None:
+    def _check(self, transport: Transport, code: int) -> None:
         if code != _SUCCESS:
-            raise pam_error(code, self._require().strerror(code))
+            raise pam_error(code, transport.strerror(code))
 
-    def _enter_call(self, action: str) -> Transport:
-        """Before a libpam call that may converse (under the guard): refuse re-entry,
-        hold signals on the main thread."""
-        transport = self._require()
-        me = threading.get_ident()
+    def _enter_call(self, transport: Transport | None, action: str) -> Transport:
+        """Before a libpam call that may converse (under the guard): refuse an
+        ending handle and re-entry; hold signals on the main thread."""
+        if transport is None:
+            transport = self._transport
+            if transport is None:
+                raise self._refusal()
+        me = _get_ident()
         caller = self._caller
         if caller is not None:
             if caller != me:
@@ -265,19 +331,24 @@ class Transaction:
             raise RuntimeError(f"cannot {action} from inside the conversation of a running phase")
         self._caller = me
         if me == _MAIN_THREAD:
-            held = self._signals
-            if held is None:
-                held = self._signals = HeldSignals()
-            held.hold()
-            self._held = held
+            deferral = _deferral
+            if not deferral.installed:
+                deferral.install()
+            self._holding = True
+            self._held_before, deferral.holding = deferral.holding, True
         return transport
 
     def _leave_call(self) -> BaseException | None:
         """After the call and its bookkeeping: the conversation's failure; held signals act."""
-        failure, held = self._failure, self._held
-        self._failure = self._held = self._caller = None
-        if held is not None:
-            held.release()
+        failure = self._failure
+        self._failure = self._caller = None
+        if self._holding:
+            # Back to the state the call found (nested phases); signals held
+            # meanwhile act now (they may raise).
+            self._holding = False
+            held = _deferral.holding = self._held_before
+            if _deferral.pending and not held:
+                _deferral.deliver()
         return failure
 
     @staticmethod
@@ -295,10 +366,13 @@ class Transaction:
 
     # -- phases ----------------------------------------------------------------------
 
-    def run(self, phase: Phase, flags: int) -> None:
-        """Run one phase; raise the conversation's failure or the PamError of its code."""
+    def run(self, phase: Phase, flags: int, transport: Transport | None = None) -> None:
+        """Run one phase; raise the conversation's failure or the PamError of its code.
+
+        ``transport`` is end()'s own, for the session and credentials it closes.
+        """
         with self.guard:
-            transport = self._enter_call("run a PAM phase")
+            transport = self._enter_call(transport, "run a PAM phase")
             try:
                 # Forgotten before the call: end() does not retry a failed close.
                 if phase is _CLOSE_SESSION:
@@ -326,7 +400,7 @@ class Transaction:
         """pam_get_user. Not a phase: the status end() passes to pam_end stays."""
         raw_prompt = None if prompt is None else self.encode(prompt, "prompt")
         with self.guard:
-            transport = self._enter_call("run a PAM phase")
+            transport = self._enter_call(None, "run a PAM phase")
             try:
                 code, user = transport.get_user(raw_prompt)
             finally:
@@ -341,22 +415,23 @@ class Transaction:
         if self._failure is not None:
             # The conversation already failed in this phase: answer nothing more.
             raise ConversationProtocolError("the conversation already failed in this phase")
-        held = self._held
-        if held is not None:
-            held.conversing = True
+        application = self._application()
+        if application is None:
+            raise ReferenceError("the application of this PAM handle is gone")
+        # The application may change the list it gets; the answers are
+        # checked against our own copy: one per message sent, never fewer.
+        asked = tuple(messages)
+        holding = self._holding
+        if holding:  # in here a signal acts at once: its failure becomes PAM_CONV_ERR
+            _deferral.holding = False
         try:
-            if held is not None:
-                held.deliver()  # a signal that came as libpam called in acts now
-            application = self._application()
-            if application is None:
-                raise ReferenceError("the application of this PAM handle is gone")
-            # The application may change the list it gets; the answers are
-            # checked against our own copy: one per message sent, never fewer.
-            asked = tuple(messages)
-            return conversation.encode_answers(asked, application._answer(messages), self.encoding)
+            if holding and _deferral.pending:
+                _deferral.deliver()  # a signal that came as libpam called in
+            answers = application._answer(messages)
         finally:
-            if held is not None:
-                held.conversing = False
+            if holding:
+                _deferral.holding = True
+        return conversation.encode_answers(asked, answers, self.encoding)
 
     def fail(self, error: BaseException) -> None:
         if self._failure is None:  # the first failure is the one to raise
@@ -386,20 +461,23 @@ class Transaction:
     def get_item(self, item: int) -> str | None:
         item = self._string_item(item)
         with self.guard:
-            code, raw = self._require().get_item(item)
-            self._check(code)
+            transport = self._require()
+            code, raw = transport.get_item(item)
+            self._check(transport, code)
         return None if raw is None else self.decode(raw)
 
     def set_item(self, item: int, value: str | None) -> None:
         item = self._string_item(item)
         raw = None if value is None else self.encode(value, f"item {item.name}")
         with self.guard:
-            self._check(self._require().set_item(item, raw))
+            transport = self._require()
+            self._check(transport, transport.set_item(item, raw))
 
     def get_xauthdata(self) -> tuple[str, bytes] | None:
         with self.guard:
-            code, value = self._require().get_xauthdata()
-            self._check(code)
+            transport = self._require()
+            code, value = transport.get_xauthdata()
+            self._check(transport, code)
         return None if value is None else (self.decode(value[0]), value[1])
 
     def set_xauthdata(self, value: tuple[str, bytes] | None) -> None:
@@ -410,11 +488,13 @@ class Transaction:
                 raise TypeError("xauthdata's data must be bytes")
             raw = (self.encode(name, "xauthdata name"), bytes(data))
         with self.guard:
-            self._check(self._require().set_xauthdata(raw))
+            transport = self._require()
+            self._check(transport, transport.set_xauthdata(raw))
 
     def set_fail_delay(self, enabled: bool) -> None:
         with self.guard:
-            self._check(self._require().set_fail_delay(enabled))
+            transport = self._require()
+            self._check(transport, transport.set_fail_delay(enabled))
 
     # -- the environment -------------------------------------------------------------
 
@@ -425,15 +505,17 @@ class Transaction:
 
     def putenv(self, entry: bytes) -> None:
         with self.guard:
-            self._check(self._require().putenv(entry))
+            transport = self._require()
+            self._check(transport, transport.putenv(entry))
 
     def unsetenv(self, name: bytes) -> bool:
         """Delete a variable; False when it was not set."""
         with self.guard:
-            code = self._require().putenv(name)
+            transport = self._require()
+            code = transport.putenv(name)
             if code == _BAD_ITEM:
                 return False
-            self._check(code)
+            self._check(transport, code)
         return True
 
     def environment(self) -> list[tuple[str, str]]:
@@ -455,6 +537,18 @@ class Transaction:
         """A session or credentials that end() would close."""
         return self._session_open or self._credentials_established
 
+    def begin_end(self) -> None:
+        """From now on every entry point refuses; end() does the rest.
+
+        A flavour that must wait for its phase's thread before ending calls
+        this first, so that nothing starts meanwhile.
+        """
+        if self._caller is not None and self._caller == _get_ident():
+            raise RuntimeError(
+                "cannot end the handle from inside the conversation of a running phase"
+            )
+        self._transport = None
+
     def end(self, *, close: bool = True, converse: bool = True) -> None:
         """Close what is open (unless ``close`` is False), then pam_end; once.
 
@@ -462,29 +556,30 @@ class Transaction:
         pam_end is. With ``converse=False`` (a finalizer, a flavour whose
         peer is gone) modules that speak meanwhile get PAM_CONV_ERR.
         """
+        self.begin_end()
         if not converse:
             self._application = _nobody
         with self.guard:
-            transport = self._transport
+            transport = self._handle
             if transport is None:
                 return
             if self._caller is not None:
-                raise RuntimeError(
-                    "cannot end the handle from inside the conversation of a running phase"
+                raise HandleBusyError(
+                    "cannot end the handle while a PAM phase runs on it on another thread"
                 )
             try:
                 if close and self._session_open:
                     try:
-                        self.run(Phase.CLOSE_SESSION, 0)
+                        self.run(Phase.CLOSE_SESSION, 0, transport)
                     except Exception:
                         pass
                 if close and self._credentials_established:
                     try:
-                        self.run(Phase.SETCRED, _DELETE_CRED)
+                        self.run(Phase.SETCRED, _DELETE_CRED, transport)
                     except Exception:
                         pass
             finally:
-                self._transport = None
+                self._handle = None
                 code = transport.end(self._last_status)
             if code != _SUCCESS:
                 raise pam_error(code, f"pam_end failed: {transport.strerror(code)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import time
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
@@ -110,9 +111,7 @@ class AsyncPamApplication(ApplicationBase):
         self._finished: asyncio.Future[Any] | None = None
         self._pending_answers: concurrent.futures.Future[Any] | None = None
         super().__init__(*args, **kwargs)
-        guard = self._transaction.guard
-        assert isinstance(guard, HandleGuard)
-        self._phase = PhaseThread(guard)
+        self._phase = PhaseThread(self._transaction)
         self._phase.on_abort = self._cancel_pending_answers
         if policy is not None:
             self._transaction.set_fail_delay(True)
@@ -147,15 +146,15 @@ class AsyncPamApplication(ApplicationBase):
     get_user = wrap_phase(application.get_user, _awaited, _ASYNC_NOTE)
 
     async def _run_phase(self, call: Callable[[], _R]) -> _R:
-        self._transaction.check_open()
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[tuple[BaseException | None, Any]] = loop.create_future()
 
         def report(error: BaseException | None, result: object) -> None:
             loop.call_soon_threadsafe(_settle, finished, (error, result))
 
-        self._loop = loop
-        self._phase.start(call, report, joinable=False, reset=self._reset)
+        # The loop is the phase's only once its start is accepted: a refused
+        # start from another loop must not take the running phase's.
+        self._phase.start(call, report, joinable=False, reset=functools.partial(self._reset, loop))
         # (after the start: a refused start must not replace the running
         # phase's future, which end() awaits; no await comes in between)
         self._finished = finished
@@ -182,8 +181,9 @@ class AsyncPamApplication(ApplicationBase):
             raise error
         return result  # type: ignore[no-any-return]
 
-    def _reset(self) -> None:
+    def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
         self._requested_delay = None
+        self._loop = loop
 
     def _on_fail_delay(self, status: int, delay_usec: int) -> None:
         if self._fail_delay is not None:

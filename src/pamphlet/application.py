@@ -8,16 +8,17 @@ drive the handle through one private :class:`~pamphlet._transaction.Transaction`
 
 from __future__ import annotations
 
+import _thread
 import functools
 import os
-import threading
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar, Self, overload
 
-from ._transaction import Transaction
+from . import conversation
+from ._transaction import StartTransport, Transaction, c_string
 from .constants import Flag, Item, Phase, phase_flags
 from .environ import PamEnvironment
 from .message import Message
@@ -70,7 +71,8 @@ class ApplicationBase:
 
     # What serialises the use of the handle; the flavours that run phases on
     # threads of their own use their guard.
-    _new_guard: ClassVar[Callable[[], AbstractContextManager[Any]]] = threading.RLock
+    # (_thread's own: threading.RLock is a Python function in front of it.)
+    _new_guard: ClassVar[Callable[[], AbstractContextManager[Any]]] = _thread.RLock
 
     _transaction: Transaction
 
@@ -93,19 +95,37 @@ class ApplicationBase:
             user = user_name
         if service is None:
             raise TypeError(f"{type(self).__name__} needs a service name")
-        if confdir is None and broker is None:  # a broker reads its own confdir
-            confdir = self.default_confdir or PamApplication.default_confdir
         self._fail_delay: FailDelay | None = None
         self._transaction = Transaction(
             service,
             user,
-            confdir=confdir,
             encoding=encoding,
             application=self,
             guard=type(self)._new_guard(),
-            broker=None if broker is None else os.fspath(broker),
-            broker_uid=broker_uid,
+            start=self._transport_start(confdir, broker, broker_uid, encoding),
         )
+
+    def _transport_start(
+        self,
+        confdir: str | os.PathLike[str] | None,
+        broker: str | os.PathLike[str] | None,
+        broker_uid: int | None,
+        encoding: str,
+    ) -> StartTransport:
+        """What carries the handle: libpam in this process, or a worker of the broker."""
+        if broker is not None:
+            if confdir is not None:
+                raise ValueError(
+                    "confdir= cannot be used with broker=: the broker reads its own PAM "
+                    "configuration"
+                )
+            from .broker import client
+
+            return functools.partial(client.start, os.fspath(broker), broker_uid=broker_uid)
+        if confdir is None:
+            confdir = self.default_confdir or PamApplication.default_confdir
+        raw_confdir = None if confdir is None else c_string(str(confdir), "confdir", encoding)
+        return functools.partial(conversation.open_in_process, raw_confdir)
 
     @property
     def encoding(self) -> str:
@@ -223,6 +243,18 @@ class ApplicationBase:
 # Module-level functions, so that each flavour can take them as methods or wrap them.
 
 
+# Module constants: an enum member looked up on its class costs more than
+# the rest of the phase's Python code (Python 3.11).
+_AUTHENTICATE, _ACCT_MGMT, _SETCRED = Phase.AUTHENTICATE, Phase.ACCT_MGMT, Phase.SETCRED
+_OPEN_SESSION, _CLOSE_SESSION, _CHAUTHTOK = (
+    Phase.OPEN_SESSION,
+    Phase.CLOSE_SESSION,
+    Phase.CHAUTHTOK,
+)
+_ESTABLISH_CRED, _DELETE_CRED = int(Flag.ESTABLISH_CRED), int(Flag.DELETE_CRED)
+_REINITIALIZE_CRED, _REFRESH_CRED = int(Flag.REINITIALIZE_CRED), int(Flag.REFRESH_CRED)
+
+
 def authenticate(
     self: ApplicationBase,
     silent: bool = False,
@@ -231,8 +263,8 @@ def authenticate(
     flags: int = 0,
 ) -> None:
     """pam_authenticate: who is the user? May converse."""
-    flags = phase_flags(flags, silent=silent, disallow_null_authtoken=disallow_null_authtoken)
-    self._transaction.run(Phase.AUTHENTICATE, flags)
+    flags = phase_flags(flags, silent, disallow_null_authtoken)
+    self._transaction.run(_AUTHENTICATE, flags)
 
 
 def account_management(
@@ -243,18 +275,18 @@ def account_management(
     flags: int = 0,
 ) -> None:
     """pam_acct_mgmt: may this account log in now (expiry, access rules)?"""
-    flags = phase_flags(flags, silent=silent, disallow_null_authtoken=disallow_null_authtoken)
-    self._transaction.run(Phase.ACCT_MGMT, flags)
+    flags = phase_flags(flags, silent, disallow_null_authtoken)
+    self._transaction.run(_ACCT_MGMT, flags)
 
 
 def open_session(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
     """pam_open_session; ending the handle closes it if you do not."""
-    self._transaction.run(Phase.OPEN_SESSION, phase_flags(flags, silent=silent))
+    self._transaction.run(_OPEN_SESSION, phase_flags(flags, silent))
 
 
 def close_session(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
     """pam_close_session."""
-    self._transaction.run(Phase.CLOSE_SESSION, phase_flags(flags, silent=silent))
+    self._transaction.run(_CLOSE_SESSION, phase_flags(flags, silent))
 
 
 def change_authtoken(
@@ -265,35 +297,35 @@ def change_authtoken(
     flags: int = 0,
 ) -> None:
     """pam_chauthtok: change the password (or other token). Converses."""
-    flags = phase_flags(flags, silent=silent, change_expired_authtoken=change_expired_authtoken)
-    self._transaction.run(Phase.CHAUTHTOK, flags)
+    flags = phase_flags(flags, silent, False, change_expired_authtoken)
+    self._transaction.run(_CHAUTHTOK, flags)
 
 
 def setcred(self: ApplicationBase, flags: int) -> None:
     """pam_setcred with raw flags; the four methods below name them."""
-    self._transaction.run(Phase.SETCRED, int(flags))
+    self._transaction.run(_SETCRED, int(flags))
 
 
 def initialize_credentials(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
     """pam_setcred(PAM_ESTABLISH_CRED); ending the handle deletes them."""
-    self._transaction.run(Phase.SETCRED, phase_flags(flags | Flag.ESTABLISH_CRED, silent=silent))
+    self._transaction.run(_SETCRED, phase_flags(flags | _ESTABLISH_CRED, silent))
 
 
 def delete_credentials(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
     """pam_setcred(PAM_DELETE_CRED)."""
-    self._transaction.run(Phase.SETCRED, phase_flags(flags | Flag.DELETE_CRED, silent=silent))
+    self._transaction.run(_SETCRED, phase_flags(flags | _DELETE_CRED, silent))
 
 
 def reinitialize_credentials(
     self: ApplicationBase, silent: bool = False, *, flags: int = 0
 ) -> None:
     """pam_setcred(PAM_REINITIALIZE_CRED)."""
-    self._transaction.run(Phase.SETCRED, phase_flags(flags | Flag.REINITIALIZE_CRED, silent=silent))
+    self._transaction.run(_SETCRED, phase_flags(flags | _REINITIALIZE_CRED, silent))
 
 
 def refresh_credentials(self: ApplicationBase, silent: bool = False, *, flags: int = 0) -> None:
     """pam_setcred(PAM_REFRESH_CRED)."""
-    self._transaction.run(Phase.SETCRED, phase_flags(flags | Flag.REFRESH_CRED, silent=silent))
+    self._transaction.run(_SETCRED, phase_flags(flags | _REFRESH_CRED, silent))
 
 
 def get_user(self: ApplicationBase, prompt: str | None = None) -> str | None:
@@ -332,6 +364,13 @@ class PamApplication(ApplicationBase):
 
     def _answer(self, messages: list[Message]) -> Any:
         return self.conversation(messages)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The transaction asks _answer; a subclass's conversation is that, as it
+        # is (function, staticmethod or classmethod), with no frame in between.
+        if "conversation" in cls.__dict__:
+            cls._answer = cls.__dict__["conversation"]  # type: ignore[method-assign]
 
     authenticate = authenticate
     account_management = account_management

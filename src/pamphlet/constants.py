@@ -138,7 +138,6 @@ STRING_ITEMS = frozenset(
 
 def phase_flags(
     flags: int = 0,
-    *,
     silent: bool = False,
     disallow_null_authtoken: bool = False,
     change_expired_authtoken: bool = False,

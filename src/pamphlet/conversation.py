@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from . import _libpam
 from .constants import PAM_MAX_NUM_MSG, ReturnCode
+from .errors import pam_error
 from .message import _KINDS, PAM_BINARY_PROMPT, Message
 
 if TYPE_CHECKING:
     from ._transaction import Conversant
 
-__all__ = ["ConversationProtocolError", "encode_answers", "start_in_process"]
+__all__ = ["ConversationProtocolError", "encode_answers", "open_in_process", "start_in_process"]
 
 # Each style pamphlet answers, to its Message subclass (which takes the text alone).
 _ANSWERED_KINDS = {int(style): kind for style, kind in _KINDS.items() if style != PAM_BINARY_PROMPT}
@@ -58,8 +59,14 @@ def make_messages(raw: Iterable[tuple[int, bytes]], encoding: str) -> list[Messa
     return messages
 
 
-def _answer_list(answers: Any, count: int) -> list[Any]:
-    """The conversation's return value as a list of ``count`` answers."""
+def encode_answers(messages: Sequence[Message], answers: Any, encoding: str) -> list[bytes | None]:
+    """Check the conversation's answers and turn them into C strings.
+
+    One answer per message. Prompts need a str or bytes answer with no NUL,
+    never truncated; info and error messages may be answered with anything
+    string-like or None, and get a NULL response either way (checked all the
+    same: a wrong type is a bug to report).
+    """
     if answers is None or isinstance(answers, (str, bytes)):
         raise TypeError(
             "the conversation must return or yield one answer per message, "
@@ -72,48 +79,36 @@ def _answer_list(answers: Any, count: int) -> list[Any]:
             "the conversation must return or yield one answer per message, "
             f"not {type(answers).__name__}"
         ) from None
-    if len(checked) != count:
-        raise ValueError(f"the conversation gave {len(checked)} answers to {count} messages")
-    return checked
-
-
-def _encode_answer(index: int, message: Message, answer: Any, encoding: str) -> bytes | None:
-    """One answer as the C string PAM will see: a prompt's never truncated,
-    anything else's NULL (checked all the same: a wrong type is a bug to report)."""
-    if answer is None and not message.is_prompt:
-        return None
-    # Exact bytes, whatever subclass came in: str.encode and the buffer
-    # protocol cannot be overridden, so the NUL test below sees what PAM will.
-    if isinstance(answer, str):
-        data = str.encode(answer, encoding, "surrogateescape")
-    elif isinstance(answer, (bytes, bytearray, memoryview)):
-        data = bytes(memoryview(answer))
-    else:
-        raise TypeError(
-            f"answer {index} to {message!r} must be str or bytes, not {type(answer).__name__}"
-        )
-    if not message.is_prompt:
-        return None
-    if 0 in data:  # the byte value NUL
+    if len(checked) != len(messages):
         raise ValueError(
-            f"answer {index} to {message!r} contains a NUL byte; PAM would "
-            "see only the part before it"
+            f"the conversation gave {len(checked)} answers to {len(messages)} messages"
         )
-    return data
-
-
-def encode_answers(messages: Sequence[Message], answers: Any, encoding: str) -> list[bytes | None]:
-    """Check the conversation's answers and turn them into C strings.
-
-    Prompts need a str or bytes answer with no NUL; info and error messages
-    may be answered with anything string-like or None, and get a NULL
-    response either way.
-    """
-    checked = _answer_list(answers, len(messages))
-    return [
-        _encode_answer(index, message, answer, encoding)
-        for index, (message, answer) in enumerate(zip(messages, checked, strict=True))
-    ]
+    encoded: list[bytes | None] = []
+    for index, answer in enumerate(checked):
+        message = messages[index]
+        if answer is None and not message.is_prompt:
+            encoded.append(None)
+            continue
+        # Exact bytes, whatever subclass came in: str.encode and the buffer
+        # protocol cannot be overridden, so the NUL test below sees what PAM will.
+        if isinstance(answer, str):
+            data = str.encode(answer, encoding, "surrogateescape")
+        elif isinstance(answer, (bytes, bytearray, memoryview)):
+            data = bytes(memoryview(answer))
+        else:
+            raise TypeError(
+                f"answer {index} to {message!r} must be str or bytes, not {type(answer).__name__}"
+            )
+        if not message.is_prompt:
+            encoded.append(None)
+        elif 0 in data:  # the byte value NUL
+            raise ValueError(
+                f"answer {index} to {message!r} contains a NUL byte; PAM would "
+                "see only the part before it"
+            )
+        else:
+            encoded.append(data)
+    return encoded
 
 
 # key -> the conversant, weakly: an application nobody ended can still be
@@ -127,11 +122,17 @@ def _conversant(appdata: int | None) -> Conversant | None:
     return None if reference is None else reference()
 
 
-def _converse(num_msg: int, msg: int | None, resp: int | None, appdata: int | None) -> int:
-    conversant = _conversant(appdata)
-    if conversant is None:
-        return _CONV_ERR
+def _conversation_callback(
+    num_msg: int, msg: int | None, resp: int | None, appdata: int | None
+) -> int:
+    # A signal that arrives as libpam calls in is held by _transaction's
+    # deferring handler until the conversant takes it: nothing reaches ctypes here.
+    conversant = None
     try:
+        reference = _conversants.get(appdata or 0)
+        conversant = None if reference is None else reference()
+        if conversant is None:
+            return _CONV_ERR
         if num_msg <= 0 or num_msg > PAM_MAX_NUM_MSG:
             raise ConversationProtocolError(
                 f"a module asked for a conversation of {num_msg} messages "
@@ -152,19 +153,12 @@ def _converse(num_msg: int, msg: int | None, resp: int | None, appdata: int | No
             raise MemoryError("could not allocate the conversation's responses")
         return _SUCCESS
     except BaseException as exc:
-        conversant.fail(exc)
-        return _BUF_ERR if isinstance(exc, MemoryError) else _CONV_ERR
-
-
-def _conversation_callback(
-    num_msg: int, msg: int | None, resp: int | None, appdata: int | None
-) -> int:
-    # A signal that arrives as libpam calls in is held by _transaction's
-    # HeldSignals until the conversant takes it: nothing reaches ctypes here.
-    try:
-        return _converse(num_msg, msg, resp, appdata)
-    except BaseException:  # pragma: no cover - _converse hands every error over
-        return _CONV_ERR
+        try:
+            if conversant is not None:
+                conversant.fail(exc)
+            return _BUF_ERR if isinstance(exc, MemoryError) else _CONV_ERR
+        except BaseException:  # pragma: no cover - last line of defence
+            return _CONV_ERR
 
 
 def _fail_delay_callback(status: int, delay_usec: int, appdata: int | None) -> None:
@@ -195,21 +189,26 @@ def unregister(key: int) -> None:
     _conversants.pop(key, None)
 
 
+def open_in_process(
+    confdir: bytes | None, service: bytes, user: bytes | None, conversant: Conversant
+) -> _libpam.Handle:
+    """The in-process transport (a StartTransport once ``confdir`` is bound):
+    the handle, or the PamError of pam_start's code."""
+    code, handle = start_in_process(service, user, confdir, conversant)
+    if handle is None:
+        raise pam_error(code, f"pam_start failed: {_libpam.strerror(_libpam.NULL_HANDLE, code)}")
+    return handle
+
+
 def start_in_process(
     service: bytes, user: bytes | None, confdir: bytes | None, conversant: Conversant
 ) -> tuple[int, _libpam.Handle | None]:
     """Start libpam in this process with ``conversant`` answering its conversation."""
     key = register(conversant)
-    release = functools.partial(unregister, key)
+    release = functools.partial(_conversants.pop, key, None)  # unregister, without a frame
     try:
         code, handle = _libpam.Handle.start(
-            service,
-            user,
-            confdir,
-            conversation=CONVERSATION_CALLBACK,
-            fail_delay=FAIL_DELAY_CALLBACK,
-            appdata=key,
-            release=release,
+            service, user, confdir, CONVERSATION_CALLBACK, FAIL_DELAY_CALLBACK, key, release
         )
     except BaseException:
         release()

@@ -43,6 +43,7 @@ from typing import IO, Any, Self
 from . import _libpam
 from .application import ApplicationBase
 from .constants import Phase, ReturnCode
+from .errors import HandleEndedError
 
 __all__ = [
     "UserSession",
@@ -217,7 +218,9 @@ class UserSession:
                 app,
                 user,
             )
-        if not isinstance(app._transaction._transport, _libpam.Handle):
+        if app.ended:
+            raise HandleEndedError("the PAM handle has ended: nothing runs in its session")
+        if not isinstance(app._transaction._handle, _libpam.Handle):
             raise _refuse(
                 BrokeredHandleError(
                     f"the PAM handle of {user!r} lives in a pamphlet broker worker: pam_group, "

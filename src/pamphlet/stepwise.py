@@ -312,9 +312,7 @@ class _InProcess:
         #: When the outcome may be shown (monotonic), after a failure's delay.
         self.delay_until = 0.0
         self.app._transaction.set_fail_delay(True)
-        guard = self.app._transaction.guard
-        assert isinstance(guard, HandleGuard)
-        self.thread = PhaseThread(guard)
+        self.thread = PhaseThread(self.app._transaction)
         self.thread.on_abort = self._drop_answers
         self.state = self.thread.state
         self._notices: list[Message] = []

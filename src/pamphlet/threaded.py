@@ -10,13 +10,14 @@ the questions with :meth:`~ThreadedPamApplication.get_data` and answers with
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import application
-from ._flavours import HandleGuard, PhaseThread, wrap_phase
-from .application import ApplicationBase
+from ._flavours import HandleGuard, PhaseThread
+from .application import PamApplication
 from .errors import (
     ConversationAborted,
     ConversationStateError,
@@ -33,17 +34,7 @@ __all__ = [
 ]
 
 
-def _on_a_thread(app: ThreadedPamApplication, call: Callable[[], object]) -> threading.Thread:
-    return app._start_phase(call)
-
-
-_THREAD_NOTE = (
-    "Starts the phase on a thread of its own and returns the thread; follow it with "
-    "get_data() and set_input(), and join the thread once get_data() gave the outcome."
-)
-
-
-class ThreadedPamApplication(ApplicationBase):
+class ThreadedPamApplication(PamApplication):
     """A PAM transaction driven from outside: no conversation method to write.
 
     Instantiate it directly. :meth:`authenticate`, :meth:`change_authtoken`
@@ -64,7 +55,13 @@ class ThreadedPamApplication(ApplicationBase):
     If the peer goes away mid-conversation, call :meth:`abort` (or
     :meth:`end`, which aborts first) so that the thread and the handle do not
     wait forever. ``conversation_timeout`` (seconds) does it on its own when
-    no answer comes in that time.
+    no answer comes in that time. :meth:`end` returns once the phase's thread
+    has been joined.
+
+    It is a :class:`PamApplication` (the API document's subclass), with one
+    difference in signature: the three methods above return the phase's
+    ``threading.Thread`` where PamApplication's return None, and raise
+    nothing themselves (the outcome comes from :meth:`get_data`).
     """
 
     _new_guard = HandleGuard
@@ -81,30 +78,54 @@ class ThreadedPamApplication(ApplicationBase):
         self._outcome_ready = False
         self._relayed: list[Message] = []
         super().__init__(*args, **kwargs)
-        guard = self._transaction.guard
-        assert isinstance(guard, HandleGuard)
-        self._phase = PhaseThread(guard)
+        self._phase = PhaseThread(self._transaction)
         self._phase.on_abort = self._drop_pending
 
     # -- the phases ------------------------------------------------------------------
+    # The phases that ask the user return their thread (the API document's
+    # choice), where PamApplication's return None: one ignore each for that.
+    # The others are PamApplication's, as they are.
 
-    authenticate = wrap_phase(application.authenticate, _on_a_thread, _THREAD_NOTE)
-    change_authtoken = wrap_phase(application.change_authtoken, _on_a_thread, _THREAD_NOTE)
-    # The user it finds is the ``user`` item once get_data() says None.
-    get_user = wrap_phase(application.get_user, _on_a_thread, _THREAD_NOTE)
+    def authenticate(  # type: ignore[override]
+        self,
+        silent: bool = False,
+        disallow_null_authtoken: bool = False,
+        *,
+        flags: int = 0,
+    ) -> threading.Thread:
+        """pam_authenticate on a thread of its own; returns the thread.
 
-    account_management = application.account_management
-    acct_mgmt = application.account_management
-    open_session = application.open_session
-    close_session = application.close_session
-    setcred = application.setcred
-    initialize_credentials = application.initialize_credentials
-    delete_credentials = application.delete_credentials
-    reinitialize_credentials = application.reinitialize_credentials
-    refresh_credentials = application.refresh_credentials
+        Follow it with get_data() and set_input(), and join the thread once
+        get_data() gave the outcome.
+        """
+        return self._start_phase(
+            functools.partial(
+                application.authenticate, self, silent, disallow_null_authtoken, flags=flags
+            )
+        )
+
+    def change_authtoken(  # type: ignore[override]
+        self,
+        silent: bool = False,
+        change_expired_authtoken: bool = False,
+        *,
+        flags: int = 0,
+    ) -> threading.Thread:
+        """pam_chauthtok on a thread of its own; returns the thread (see authenticate)."""
+        return self._start_phase(
+            functools.partial(
+                application.change_authtoken, self, silent, change_expired_authtoken, flags=flags
+            )
+        )
+
+    def get_user(self, prompt: str | None = None) -> threading.Thread:  # type: ignore[override]
+        """pam_get_user on a thread of its own; returns the thread (see authenticate).
+
+        The user it finds is the ``user`` item once get_data() says None.
+        """
+        return self._start_phase(functools.partial(application.get_user, self, prompt))
 
     def _start_phase(self, call: Callable[[], object]) -> threading.Thread:
-        self._transaction.check_open()
         thread = self._phase.start(call, self._report, reset=self._reset)
         assert thread is not None
         return thread
@@ -122,9 +143,8 @@ class ThreadedPamApplication(ApplicationBase):
     # -- the conversation ----------------------------------------------------------------
 
     def _answer(self, messages: list[Message]) -> Any:
-        conversation = getattr(self, "conversation", None)
-        if conversation is not None:
-            return conversation(messages)
+        if type(self).conversation is not PamApplication.conversation:
+            return self.conversation(messages)  # a subclass's answers every phase
         if self._phase.on_phase_thread():
             with self._phase.state:
                 self._phase.check_not_aborted()
@@ -215,7 +235,7 @@ class ThreadedPamApplication(ApplicationBase):
         answers = list(answers)
         with self._phase.state:
             pending = self._pending
-            if self._phase.aborted or self._phase.ending:
+            if self._phase.aborted or not self._transaction.open:
                 raise ConversationStateError(
                     "set_input(): the conversation was aborted; nothing may answer it"
                 )
@@ -252,9 +272,3 @@ class ThreadedPamApplication(ApplicationBase):
         self._phase.begin_ending()
         self._phase.wait()
         self._transaction.end(close=self._end_closes, converse=False)
-
-    def __enter__(self) -> ThreadedPamApplication:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.end()
