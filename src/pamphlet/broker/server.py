@@ -756,6 +756,7 @@ class Broker:
             if record.overdue
             else summary.get("end", "worker died"),
             worker=f"{record.pid}:{ended}",
+            **({"reason": summary["reason"]} if summary.get("reason") else {}),
         )
 
     # -- detach and resume (docs/guide/protocol.md, "Detach and resume") -------------
@@ -951,6 +952,7 @@ class Broker:
                 self._finish(record, status)
             else:
                 self._forget_spare(pid)
+        self.unknown_peers.flush(time.monotonic())
         self.audit.log(event="stopped", served=self.served)
 
     def _answer_backlog(self) -> None:

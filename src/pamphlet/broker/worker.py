@@ -180,6 +180,7 @@ class _Worker:
         self.client_fail_delay = False
         self.phases: list[str] = []
         self.refusals: list[str] = []
+        self.refusal_reason: str | None = None  # the last refusal's text, for the audit
         self.end_reason = "client"
         self.items: dict[str, str | None] = {}
         self.detaches = 0
@@ -258,6 +259,7 @@ class _Worker:
                 reply = handler(self, request)
             except _Refused as refusal:
                 self.refusals.append(refusal.kind)
+                self.refusal_reason = refusal.message
                 reply = {"op": "refused", "kind": refusal.kind, "message": refusal.message}
             if self.broken is not None:
                 raise self.broken
@@ -605,6 +607,8 @@ def run(
         summary.update(worker.items)
         summary["phases"] = worker.phases
         summary["refusals"] = worker.refusals
+        if worker.refusal_reason is not None:
+            summary["reason"] = worker.refusal_reason
         if worker.detaches:
             summary["detaches"] = worker.detaches
             summary["resumes"] = worker.resumes
