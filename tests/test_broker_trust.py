@@ -299,12 +299,7 @@ def test_60_concurrent_guesses_for_one_user_reach_pam_unix_at_most_the_limit(mak
     name, password = unix_user
     site = make_site(
         _throttle_policy(
-            user_slow_after=10,
-            user_refuse_after=10,
-            peer_refuse_after=1000,
-            peer_slow_after=1000,
-            rhost_slow_after=1000,
-            rhost_refuse_after=1000,
+            user_slow_after=10, user_refuse_after=10, peer_refuse_after=1000, peer_slow_after=1000
         )
     )
     results = _guess_at_once(site, [(name, "wrong-" + password, None)] * 60)
@@ -329,12 +324,7 @@ def _counts(text: str) -> tuple[int, int]:
 def test_60_concurrent_guesses_from_one_peer_reach_pam_unix_at_most_the_peer_limit(make_site):
     site = make_site(
         _throttle_policy(
-            user_slow_after=100,
-            user_refuse_after=100,
-            peer_slow_after=10,
-            peer_refuse_after=10,
-            rhost_slow_after=100,
-            rhost_refuse_after=100,
+            user_slow_after=100, user_refuse_after=100, peer_slow_after=10, peer_refuse_after=10
         )
     )
     results = _guess_at_once(site, [(f"nosuch{i}", "guess", None) for i in range(60)])
