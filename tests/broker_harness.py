@@ -23,6 +23,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pamphlet
@@ -62,7 +63,10 @@ def public_source() -> pathlib.Path:
 class Broker:
     """``python -m pamphlet broker`` on a socket in a fresh folder."""
 
-    def __init__(self, policy: str, confdir: str | None, *extra: str) -> None:
+    def __init__(
+        self, policy: str, confdir: str | None, *extra: str, wrapper: Sequence[str] = ()
+    ) -> None:
+        """``wrapper``: a command the broker's command line is appended to (a namespace)."""
         self.directory = public_dir("pamphlet-broker-")
         self.socket = str(self.directory / "broker.sock")
         self.policy = self.directory / "policy.toml"
@@ -70,6 +74,7 @@ class Broker:
         self.log = self.directory / "audit.log"
         self._log_file = open(self.log, "w")  # noqa: SIM115 - closed in stop()
         command = [
+            *wrapper,
             sys.executable,
             "-m",
             "pamphlet",
