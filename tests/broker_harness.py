@@ -236,26 +236,36 @@ def frames_until_closed(sock: socket.socket) -> list[dict[str, Any]]:
 # -- an unprivileged client ----------------------------------------------------------
 
 
+def as_user(user: str, group: str, *command: str) -> list[str]:
+    """``command`` run as ``user`` and ``group`` only (setpriv, no other groups)."""
+    return ["setpriv", f"--reuid={user}", f"--regid={group}", "--clear-groups", "--", *command]
+
+
+def python_env(source: pathlib.Path) -> dict[str, str]:
+    """The environment of an unprivileged interpreter that imports ``source``."""
+    return {"PYTHONPATH": str(source), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def shadow_hash(user: str) -> str:
+    """``user``'s password hash in /etc/shadow."""
+    for line in pathlib.Path("/etc/shadow").read_text().splitlines():
+        name, hashed, *_ = line.split(":")
+        if name == user:
+            return hashed
+    raise AssertionError(f"{user} is not in /etc/shadow")
+
+
 def run_as(
     user: str, group: str, source: pathlib.Path, code: str, timeout: float = 60
 ) -> dict[str, Any]:
     """Run ``code`` as ``user`` with Debian's python3; it prints one JSON object."""
     proc = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={user}",
-            f"--regid={group}",
-            "--clear-groups",
-            "--",
-            SYSTEM_PYTHON,
-            "-c",
-            textwrap.dedent(code),
-        ],
+        as_user(user, group, SYSTEM_PYTHON, "-c", textwrap.dedent(code)),
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd="/",
-        env={"PYTHONPATH": str(source), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        env=python_env(source),
     )
     if proc.returncode != 0:
         raise AssertionError(f"the client failed ({proc.returncode}):\n{proc.stderr}")
@@ -299,25 +309,12 @@ class Holder:
         count: int,
     ) -> None:
         self.process = subprocess.Popen(
-            [
-                "setpriv",
-                f"--reuid={user}",
-                f"--regid={group}",
-                "--clear-groups",
-                "--",
-                SYSTEM_PYTHON,
-                "-c",
-                _HOLDER,
-                path,
-                service,
-                target,
-                str(count),
-            ],
+            as_user(user, group, SYSTEM_PYTHON, "-c", _HOLDER, path, service, target, str(count)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             cwd="/",
-            env={"PYTHONPATH": str(source), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            env=python_env(source),
         )
         assert self.process.stdout is not None
         self.replies = [json.loads(self.process.stdout.readline() or "null") for _ in range(count)]

@@ -122,6 +122,23 @@ def _write_confdir(confdir: Any, scripted_module_path: str) -> Any:
     crash_script.write_text("crash\n")
     (confdir / "crash").write_text(f"auth required {scripted_module_path} script={crash_script}\n")
     (confdir / "unix").write_text(UNIX_STACK)
+    # Debian's /etc/pam.d/chsh, with common-auth and common-password inlined.
+    (confdir / "chsh").write_text(
+        "auth sufficient pam_rootok.so\n"
+        "auth required pam_unix.so\n"
+        "account required pam_unix.so\n"
+        "password required pam_unix.so yescrypt\n"
+    )
+    # A line per guess that reaches pam_unix ("$PAM_USER $PAM_RHOST" in
+    # "guesses"); seteuid, or pam_exec runs the script with the peer's real uid.
+    guesses = confdir / "guesses"
+    guesses.write_text("")
+    guess_script = confdir / "guess.sh"
+    guess_script.write_text(f'#!/bin/sh\necho "$PAM_USER $PAM_RHOST" >> {guesses}\n')
+    guess_script.chmod(0o755)
+    (confdir / "guess").write_text(
+        f"auth optional pam_exec.so seteuid quiet {guess_script}\nauth required pam_unix.so\n"
+    )
     return marker
 
 
@@ -434,21 +451,31 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
 
 
+class Brokers:
+    """Brokers of a test's own, each with a fresh confdir; ``cleanup()`` stops them."""
+
+    def __init__(self, scripted_module_path: str) -> None:
+        self.scripted_module_path = scripted_module_path
+        self.made: list[Setup] = []
+
+    def make(self, policy: str) -> Setup:
+        confdir = public_dir("pamphlet-confdir-")
+        marker = _write_confdir(confdir, self.scripted_module_path)
+        self.made.append(Setup(Broker(policy, str(confdir)), confdir, marker))
+        return self.made[-1]
+
+    def cleanup(self) -> None:
+        for setup in self.made:
+            setup.broker.cleanup()
+            subprocess.run(["rm", "-rf", str(setup.confdir)], check=True)
+
+
 @pytest.fixture
 def make_broker(scripted_module_path: str) -> Any:
     """``make_broker(policy)``: a broker of the test's own, stopped after it."""
-    made = []
-
-    def make(policy: str) -> Setup:
-        confdir = public_dir("pamphlet-confdir-")
-        marker = _write_confdir(confdir, scripted_module_path)
-        made.append(Setup(Broker(policy, str(confdir)), confdir, marker))
-        return made[-1]
-
-    yield make
-    for setup in made:
-        setup.broker.cleanup()
-        subprocess.run(["rm", "-rf", str(setup.confdir)], check=True)
+    brokers = Brokers(scripted_module_path)
+    yield brokers.make
+    brokers.cleanup()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 import pamphlet
-from broker_harness import Broker, public_dir
+from broker_harness import Broker, public_dir, shadow_hash
 from conftest import UNIX_STACK
 
 pytestmark = pytest.mark.root
@@ -95,14 +95,6 @@ def namespace(settings: dict[str, list[str]]) -> list[str]:
         script + 'exec "$@"',
         "sh",
     ]
-
-
-def shadow_hash(user: str) -> str:
-    for line in pathlib.Path("/etc/shadow").read_text().splitlines():
-        name, hashed, *_ = line.split(":")
-        if name == user:
-            return hashed
-    raise AssertionError(f"{user} is not in /etc/shadow")
 
 
 @pytest.fixture

@@ -21,31 +21,23 @@ import pytest
 import pamphlet
 from broker_harness import (
     SYSTEM_PYTHON,
-    Broker,
     Holder,
+    as_user,
     frame,
-    public_dir,
     public_source,
     raw_connect,
     read_frame,
     run_as,
+    shadow_hash,
     start_frame,
 )
 from conftest import ScriptedApp
 from pamphlet.broker import ServiceNotAllowed, Throttled
-from test_broker import _write_confdir
+from test_broker import Brokers, Setup
 
 pytestmark = pytest.mark.root
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
-
-# Debian's /etc/pam.d/chsh, with common-auth and common-password inlined.
-CHSH_STACK = """\
-auth sufficient pam_rootok.so
-auth required pam_unix.so
-account required pam_unix.so
-password required pam_unix.so yescrypt
-"""
 
 TRUST_POLICY = """\
 [[allow]]
@@ -69,52 +61,21 @@ max_pending_per_peer = 64
 """
 
 
-class Site:
-    def __init__(self, broker: Broker, confdir: pathlib.Path, marker: pathlib.Path) -> None:
-        self.broker = broker
-        self.path = broker.socket
-        self.confdir = confdir
-        self.marker = marker  # pam_exec's, before pam_unix in "guess": one line per guess
-
-
-def _confdir(scripted_module_path: str) -> tuple[pathlib.Path, pathlib.Path]:
-    confdir = public_dir("pamphlet-confdir-")
-    _write_confdir(confdir, scripted_module_path)
-    (confdir / "chsh").write_text(CHSH_STACK)
-    marker = confdir / "guesses"
-    marker.write_text("")
-    script = confdir / "guess.sh"
-    script.write_text(f'#!/bin/sh\necho "$PAM_USER $PAM_RHOST" >> {marker}\n')
-    script.chmod(0o755)
-    # seteuid: pam_exec would otherwise run the script with the peer's real uid.
-    (confdir / "guess").write_text(
-        f"auth optional pam_exec.so seteuid quiet {script}\nauth required pam_unix.so\n"
-    )
-    return confdir, marker
+@pytest.fixture
+def make_broker(scripted_module_path: str) -> Iterator[Callable[[str], Setup]]:
+    brokers = Brokers(scripted_module_path)
+    yield brokers.make
+    brokers.cleanup()
 
 
 @pytest.fixture
-def make_site(scripted_module_path: str) -> Iterator[Callable[[str], Site]]:
-    made: list[Site] = []
-
-    def make(policy: str) -> Site:
-        confdir, marker = _confdir(scripted_module_path)
-        made.append(Site(Broker(policy, str(confdir)), confdir, marker))
-        return made[-1]
-
-    yield make
-    for site in made:
-        site.broker.cleanup()
-        subprocess.run(["rm", "-rf", str(site.confdir)], check=True)
+def site(make_broker: Callable[[str], Setup]) -> Setup:
+    return make_broker(TRUST_POLICY)
 
 
-@pytest.fixture(scope="module")
-def site(scripted_module_path: str) -> Iterator[Site]:
-    confdir, marker = _confdir(scripted_module_path)
-    broker = Broker(TRUST_POLICY, str(confdir))
-    yield Site(broker, confdir, marker)
-    broker.cleanup()
-    subprocess.run(["rm", "-rf", str(confdir)], check=True)
+def guesses(site: Setup) -> list[str]:
+    """The guesses that reached pam_unix in the "guess" stack: "USER RHOST" each."""
+    return (site.confdir / "guesses").read_text().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +83,6 @@ def source() -> Iterator[pathlib.Path]:
     path = public_source()
     yield path
     subprocess.run(["rm", "-rf", str(path)], check=True)
-
-
-def shadow_hash(user: str) -> str:
-    for line in pathlib.Path("/etc/shadow").read_text().splitlines():
-        name, hashed, *_ = line.split(":")
-        if name == user:
-            return hashed
-    raise AssertionError(f"{user} is not in /etc/shadow")
 
 
 # -- 1. who the modules think the caller is ----------------------------------------------
@@ -199,15 +152,7 @@ def test_a_worker_has_the_peer_as_its_real_uid_and_cannot_be_dumped(site, source
         assert core.split()[4:6] == ["0", "0"]
         # The peer can signal its worker but cannot read its memory or environment.
         peek = subprocess.run(
-            [
-                "setpriv",
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "cat",
-                f"/proc/{worker}/environ",
-            ],
-            capture_output=True,
+            as_user("nobody", "nogroup", "cat", f"/proc/{worker}/environ"), capture_output=True
         )
         assert peek.returncode != 0 and b"Permission denied" in peek.stderr
     finally:
@@ -218,18 +163,8 @@ def test_a_worker_has_the_peer_as_its_real_uid_and_cannot_be_dumped(site, source
 
 
 def _as_nobody_kill(pid: int, signum: int) -> None:
-    subprocess.run(
-        [
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            SYSTEM_PYTHON,
-            "-c",
-            f"import os; os.kill({pid}, {signum})",
-        ],
-        check=True,
-    )
+    code = f"import os; os.kill({pid}, {signum})"
+    subprocess.run(as_user("nobody", "nogroup", SYSTEM_PYTHON, "-c", code), check=True)
 
 
 @pytest.mark.parametrize(
@@ -240,8 +175,7 @@ def _as_nobody_kill(pid: int, signum: int) -> None:
 def test_a_worker_its_peer_kills_or_stops_costs_only_its_own_transaction(
     site, source, signum, seen
 ):
-    session_marker = site.confdir / "marker"  # pam_exec's in the session stack
-    session_marker.write_text("")
+    site.marker.write_text("")  # pam_exec's, in the session stack
     with_session = ScriptedApp("session", "erin", answers=["secret"], broker=site.path)
     with_session.authenticate()
     with_session.open_session()
@@ -262,13 +196,13 @@ def test_a_worker_its_peer_kills_or_stops_costs_only_its_own_transaction(
         holder.release()
     with_session.account_management()  # the other session is still open
     with_session.end()
-    assert session_marker.read_text() == "open_session erin\nclose_session erin\n"
+    assert site.marker.read_text() == "open_session erin\nclose_session erin\n"
 
 
 # -- 2. throttle reservations ------------------------------------------------------------
 
 
-def _guess(site: Site, user: str, password: str, rhost: str | None) -> str:
+def _guess(site: Setup, user: str, password: str, rhost: str | None) -> str:
     try:
         with ScriptedApp("guess", user, answers=[password], broker=site.path) as app:
             if rhost is not None:
@@ -281,13 +215,9 @@ def _guess(site: Site, user: str, password: str, rhost: str | None) -> str:
         return type(exc).__name__
 
 
-def _guess_at_once(site: Site, guesses: list[tuple[str, str, str | None]]) -> list[str]:
+def _guess_at_once(site: Setup, guesses: list[tuple[str, str, str | None]]) -> list[str]:
     with concurrent.futures.ThreadPoolExecutor(len(guesses)) as pool:
         return list(pool.map(lambda g: _guess(site, *g), guesses))
-
-
-def _reached_pam_unix(site: Site) -> list[str]:
-    return site.marker.read_text().splitlines()
 
 
 def _throttle_policy(**settings: int) -> str:
@@ -295,15 +225,17 @@ def _throttle_policy(**settings: int) -> str:
     return TRUST_POLICY + "\n[throttle]\ndelay = 0.4\n" + table
 
 
-def test_60_concurrent_guesses_for_one_user_reach_pam_unix_at_most_the_limit(make_site, unix_user):
+def test_60_concurrent_guesses_for_one_user_reach_pam_unix_at_most_the_limit(
+    make_broker, unix_user
+):
     name, password = unix_user
-    site = make_site(
+    site = make_broker(
         _throttle_policy(
             user_slow_after=10, user_refuse_after=10, peer_refuse_after=1000, peer_slow_after=1000
         )
     )
     results = _guess_at_once(site, [(name, "wrong-" + password, None)] * 60)
-    reached = _reached_pam_unix(site)
+    reached = guesses(site)
     assert 1 <= len(reached) <= 10, (len(reached), results)
     assert results.count("AuthenticationError") == len(reached)
     refusals = [r for r in results if r.startswith("Throttled")]
@@ -321,24 +253,24 @@ def _counts(text: str) -> tuple[int, int]:
     return int(words[1]), int(words[words.index("and") + 1])
 
 
-def test_60_concurrent_guesses_from_one_peer_reach_pam_unix_at_most_the_peer_limit(make_site):
-    site = make_site(
+def test_60_concurrent_guesses_from_one_peer_reach_pam_unix_at_most_the_peer_limit(make_broker):
+    site = make_broker(
         _throttle_policy(
             user_slow_after=100, user_refuse_after=100, peer_slow_after=10, peer_refuse_after=10
         )
     )
     results = _guess_at_once(site, [(f"nosuch{i}", "guess", None) for i in range(60)])
-    reached = _reached_pam_unix(site)
+    reached = guesses(site)
     assert 1 <= len(reached) <= 10, (len(reached), results)
     assert sum(r.startswith("Throttled") for r in results) == 60 - len(reached)
 
 
-def test_one_address_cannot_lock_out_the_others_with_the_default_throttle(make_site, unix_user):
+def test_one_address_cannot_lock_out_the_others_with_the_default_throttle(make_broker, unix_user):
     name, password = unix_user
-    site = make_site(TRUST_POLICY)  # the default [throttle]
+    site = make_broker(TRUST_POLICY)  # the default [throttle]
     attacker = "198.51.100.7"
     results = _guess_at_once(site, [(f"nosuch{i}", "guess", attacker) for i in range(60)])
-    reached = _reached_pam_unix(site)
+    reached = guesses(site)
     assert 1 <= len(reached) <= 30, (len(reached), results)  # rhost_refuse_after
     assert all(line.endswith(attacker) for line in reached)
     assert _guess(site, "nosuch-more", "guess", attacker).startswith("Throttled")
@@ -348,8 +280,8 @@ def test_one_address_cannot_lock_out_the_others_with_the_default_throttle(make_s
     assert site.broker.audit_lines("outcome=refused:throttled", f"address '{attacker}'")
 
 
-def test_a_detached_login_counts_while_it_waits(make_site):
-    site = make_site(_throttle_policy(user_slow_after=2, user_refuse_after=2))
+def test_a_detached_login_counts_while_it_waits(make_broker):
+    site = make_broker(_throttle_policy(user_slow_after=2, user_refuse_after=2))
     detached = []
     for _ in range(2):
         sock = raw_connect(site.path)
@@ -383,10 +315,12 @@ print(json.dumps({{"ok": True}}))
 """
 
 
-def test_one_uid_of_a_group_rule_cannot_take_the_others_slots(make_site, source, unix_user):
+def test_one_uid_of_a_group_rule_cannot_take_the_others_slots(make_broker, source, unix_user):
     name, _ = unix_user
     # Conversations that wait longer than the test takes, however loaded the machine.
-    site = make_site(TRUST_POLICY.replace("conversation_timeout = 2", "conversation_timeout = 60"))
+    site = make_broker(
+        TRUST_POLICY.replace("conversation_timeout = 2", "conversation_timeout = 60")
+    )
     holder = Holder("nobody", "nogroup", source, site.path, "matrix", "bob", 4)
     try:
         ops = [r["op"] for r in holder.replies]
@@ -413,11 +347,11 @@ print(json.dumps({{"refused": refused}}))
 
 
 def test_3000_refused_connections_write_a_bounded_number_of_audit_lines(
-    make_site, source, unix_user
+    make_broker, source, unix_user
 ):
     name, _ = unix_user
     uid = pwd.getpwnam(name).pw_uid
-    site = make_site(TRUST_POLICY)
+    site = make_broker(TRUST_POLICY)
     result = run_as(name, name, source, REFUSED_CLIENT.format(path=site.path), timeout=120)
     assert result == {"refused": 3000}
     lines = site.broker.audit_lines(f"peer_uid={uid}")
@@ -430,8 +364,8 @@ def test_3000_refused_connections_write_a_bounded_number_of_audit_lines(
 # -- 4. SIGHUP -----------------------------------------------------------------------------
 
 
-def test_sighup_reloads_the_policy_and_running_transactions_keep_their_rule(make_site):
-    site = make_site(TRUST_POLICY)
+def test_sighup_reloads_the_policy_and_running_transactions_keep_their_rule(make_broker):
+    site = make_broker(TRUST_POLICY)
     running = ScriptedApp("matrix", "bob", answers=["secret"], broker=site.path)
     running.authenticate()
     site.broker.policy.write_text(
