@@ -518,6 +518,7 @@ class Broker:
         except OSError as exc:
             _kill(pid, signal.SIGKILL)
             control.close()
+            spare.deadline.close()
             self.retiring.add(pid)
             self._refuse(conn, peer, service, user, "busy", f"cannot start a worker: {exc}")
             return
