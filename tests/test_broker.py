@@ -589,6 +589,11 @@ def test_bad_policy_files_are_reported(tmp_path):
         "[[allow]]\nusers = ['a']\nservices = ['x']\nphase = []\n": "unknown key 'phase'",
         "allow = 3\n": "no [[allow]] rules",
         "[[allow]\n": "not valid TOML",
+        "[[allow]]\nusers = ['a']\nservices = ['x']\nmax_in_flight = 8\n"
+        "max_in_flight_total = 4\n": "max_in_flight_total must not be below max_in_flight",
+        "[[allow]]\nusers = ['a']\nservices = ['x']\n[throttle]\nrhost_slow_after = 40\n": (
+            "rhost_refuse_after must not be below rhost_slow_after"
+        ),
         "[[allow]]\nusers = ['a']\nservices = ['x']\n[throttle]\ndelay = 'x'\n": "delay",
     }
     for text, message in cases.items():

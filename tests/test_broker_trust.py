@@ -333,6 +333,25 @@ def test_one_uid_of_a_group_rule_cannot_take_the_others_slots(make_broker, sourc
         holder.release()
 
 
+def test_max_in_flight_total_bounds_the_rule_as_a_whole(make_broker, source, unix_user):
+    name, _ = unix_user
+    policy = TRUST_POLICY.replace("conversation_timeout = 2", "conversation_timeout = 60")
+    site = make_broker(
+        policy.replace("max_in_flight = 3\n", "max_in_flight = 3\nmax_in_flight_total = 4\n")
+    )
+    nobody = Holder("nobody", "nogroup", source, site.path, "matrix", "bob", 3)
+    other = Holder(name, "nogroup", source, site.path, "matrix", "bob", 2)
+    try:
+        assert [r["op"] for r in nobody.replies] == ["converse"] * 3
+        assert [r["op"] for r in other.replies] == ["converse", "refused"]
+        assert other.replies[1]["kind"] == "busy"
+        assert "4 transactions of [[allow]] rule 1" in other.replies[1]["message"]
+        assert "max_in_flight_total" in other.replies[1]["message"]
+    finally:
+        nobody.release()
+        other.release()
+
+
 REFUSED_CLIENT = """\
 import json, socket, struct
 path = {path!r}
