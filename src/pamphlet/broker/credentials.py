@@ -27,7 +27,7 @@ import os
 import resource
 import signal
 
-__all__ = ["become_setuid_program"]
+__all__ = ["harden_worker", "become_setuid_program"]
 
 _PR_SET_DUMPABLE = 4
 #: Signals that only make sense for a terminal, or that a peer sends to
@@ -42,10 +42,9 @@ _IGNORED = (
 )
 
 
-def become_setuid_program(uid: int, gid: int) -> None:
-    """Take the peer's real uid and gid, keep effective root; fail closed."""
-    # Not dumpable first: there is never a moment at which the peer could
-    # attach to, or dump, a process with its own real uid.
+def harden_worker() -> None:
+    """In a fresh worker, before it knows its peer: not dumpable, no core, deaf
+    to the signals above. (Off the login's path: spares do it while they wait.)"""
     libc = ctypes.CDLL(None, use_errno=True)  # prctl has no binding in os
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         error = ctypes.get_errno()
@@ -53,6 +52,14 @@ def become_setuid_program(uid: int, gid: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for signum in _IGNORED:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def become_setuid_program(uid: int, gid: int) -> None:
+    """Take the peer's real uid and gid, keep effective root; fail closed.
+
+    :func:`harden_worker` must have run: there is never a moment at which the
+    peer could attach to, or dump, a process with its own real uid.
+    """
     os.setresgid(gid, 0, 0)
     os.setresuid(uid, 0, 0)
     if os.getresuid() != (uid, 0, 0) or os.getresgid() != (gid, 0, 0):

@@ -37,7 +37,7 @@ from typing import Any
 from ..constants import ReturnCode
 from . import protocol, worker
 from .audit import Audit, RefusalSummary
-from .credentials import become_setuid_program
+from .credentials import become_setuid_program, harden_worker
 from .policy import Peer, Policy, PolicyError, Rule, load
 from .protocol import MAX_REPLY_FRAME, MAX_REQUEST_FRAME, FrameBuffer, ProtocolViolation
 from .throttle import FailureCounter, Reservation
@@ -619,7 +619,7 @@ class Broker:
         os.close(self._wake_r)
         os.close(self._wake_w)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the broker's business
+        harden_worker()  # a reload (SIGHUP) is the broker's business, not a worker's
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT):
