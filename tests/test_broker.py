@@ -11,6 +11,7 @@ import asyncio
 import os
 import pathlib
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -576,6 +577,20 @@ def test_sigterm_ends_every_transaction_cleanly(make_broker):
     text = broker.audit_text()
     assert text.count("end=shutdown") == 2 and "event=stopped" in text
     assert not os.path.exists(broker.socket)
+
+
+def test_every_connection_in_the_backlog_at_sigterm_is_answered(make_broker):
+    """Connections the broker has not accepted yet when SIGTERM comes get an
+    answer, not a reset: the broker answers its backlog before it closes."""
+    setup = make_broker(POLICY)
+    flood = [raw_connect(setup.broker.socket) for _ in range(600)]  # deeper than one turn
+    setup.broker.process.send_signal(signal.SIGTERM)
+    assert setup.broker.process.wait(timeout=30) == 0
+    answers = [[f["op"] for f in frames_until_closed(sock)] for sock in flood]
+    unanswered = sum(not ops for ops in answers)
+    assert unanswered == 0, f"{unanswered} of {len(flood)} connections got no frame"
+    assert "error" in answers[-1]
+    assert setup.broker.audit_lines("event=backlog-answered")
 
 
 def test_bad_policy_files_are_reported(tmp_path):
