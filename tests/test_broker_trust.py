@@ -13,6 +13,7 @@ import pathlib
 import pwd
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,6 +22,7 @@ import pytest
 import pamphlet
 from broker_harness import (
     SYSTEM_PYTHON,
+    Broker,
     Holder,
     as_user,
     frame,
@@ -197,6 +199,41 @@ def test_a_worker_its_peer_kills_or_stops_costs_only_its_own_transaction(
     with_session.account_management()  # the other session is still open
     with_session.end()
     assert site.marker.read_text() == "open_session erin\nclose_session erin\n"
+
+
+# A broker with a bug planted in the code that names how a worker ended.
+FAULTY_BROKER = """\
+import sys
+from pamphlet.broker import server
+def broken(signum):
+    raise RuntimeError("a planted bug")
+server._signal_name = broken
+sys.exit(server.main(sys.argv[sys.argv.index("broker") + 1 :]))
+"""
+
+
+def test_a_failure_in_handling_one_worker_is_contained(scripted_module_path, source):
+    brokers = Brokers(scripted_module_path)
+    policy = TRUST_POLICY.replace("max_in_flight = 3\n", "max_in_flight = 1\n")
+    brokers.make(policy)  # a confdir; the broker that matters is the faulty one below
+    confdir = brokers.made[0].confdir
+    faulty = Broker(policy, str(confdir), wrapper=[sys.executable, "-c", FAULTY_BROKER])
+    try:
+        first = Holder("nobody", "nogroup", source, faulty.socket, "matrix", "bob", 1)
+        assert first.replies[0]["op"] == "converse"
+        (worker,) = faulty.workers_of(NOBODY)
+        os.kill(worker, signal.SIGKILL)
+        (line,) = faulty.audit_lines("event=internal-error")
+        assert "planted bug" in line and "where=_reap" in line
+        first.release()
+        # The loop went on, and the worker's slot (max_in_flight = 1) is free again.
+        second = Holder("nobody", "nogroup", source, faulty.socket, "matrix", "bob", 1)
+        assert second.replies[0]["op"] == "converse", second.replies
+        second.release()
+        assert faulty.process.poll() is None
+    finally:
+        faulty.cleanup()
+        brokers.cleanup()
 
 
 # -- 2. throttle reservations ------------------------------------------------------------
