@@ -20,9 +20,7 @@ import dataclasses
 import errno
 import gc
 import grp
-import hmac
 import os
-import secrets
 import select
 import selectors
 import signal
@@ -41,6 +39,7 @@ from .credentials import become_setuid_program, harden_worker
 from .policy import Peer, Policy, PolicyError, Rule, load
 from .protocol import MAX_REPLY_FRAME, MAX_REQUEST_FRAME, FrameBuffer, ProtocolViolation
 from .throttle import FailureCounter, Reservation
+from .tokens import Tokens
 from .watchdog import Deadline
 
 __all__ = ["Broker", "Audit", "FailureCounter", "main"]
@@ -86,18 +85,6 @@ class _Worker:
     overdue: bool = False  # killed by the broker for missing its deadline
 
 
-@dataclasses.dataclass(eq=False)
-class _Detached:
-    """A detached transaction: its worker waits for a resume with this token."""
-
-    record: _Worker
-    secret: bytes
-    deadline: float
-
-
-#: Token ids remembered after their token was used or expired, so that a
-#: replay is told apart from a token that never was (bounded; oldest go first).
-RETIRED_TOKENS = 4096
 #: Seconds between two looks at the workers' deadlines.
 SWEEP_INTERVAL = 1.0
 
@@ -137,8 +124,7 @@ class Broker:
         self.spare_count = spares
         self.retiring: set[int] = set()  # spares of a policy that was replaced
         self._peer_cache: dict[tuple[int, int], tuple[float, Peer]] = {}
-        self.detached: dict[str, _Detached] = {}
-        self.retired: collections.OrderedDict[str, tuple[bytes, str]] = collections.OrderedDict()
+        self.tokens: Tokens[_Worker] = Tokens()  # of detached transactions
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_sweep = 0.0
@@ -185,7 +171,7 @@ class Broker:
         worker is contained: audited, that one is dropped, the loop goes on."""
         now = time.monotonic()
         deadlines = [p.deadline for p in self.pending.values()]
-        deadlines += [d.deadline for d in self.detached.values()]
+        deadlines += self.tokens.deadlines()
         if self.workers:
             deadlines.append(self._next_sweep)
         if self.unknown_peers.next_flush is not None:
@@ -205,7 +191,7 @@ class Broker:
                 ),
                 pending,
             )
-        for token_id in [t for t, d in self.detached.items() if d.deadline <= now]:
+        for token_id in self.tokens.past(now):
             self._contained(self._expire, token_id)
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
@@ -250,7 +236,7 @@ class Broker:
             subject.conn.close()
         elif isinstance(subject, _Worker):
             _kill(subject.pid, signal.SIGKILL)  # reaped and accounted by _reap
-        elif isinstance(subject, str) and subject in self.detached:
+        elif isinstance(subject, str) and subject in self.tokens.live:
             self._expire(subject)
 
     def _sweep(self, now: float) -> None:
@@ -763,42 +749,30 @@ class Broker:
     # -- detach and resume (docs/guide/protocol.md, "Detach and resume") -------------
 
     def _detach(self, record: _Worker) -> dict[str, Any]:
-        """A worker's client detaches: issue the token its resume must present.
-
-        The token is ``ID.SECRET``: the id (64 random bits) finds the entry,
-        the secret (256 random bits) is compared in constant time. It is
-        good for one resume, by a process of the same uid, before the
-        detach timeout.
-        """
+        """A worker's client detaches: issue the token its resume must present
+        (:mod:`pamphlet.broker.tokens`): good once, for a process of the same
+        uid, before the detach timeout."""
         timeout = self.policy.limits.detach_timeout
         if timeout <= 0 or record.detached is not None or self.stopping:
             return {"refuse": "detaching is not allowed now"}
-        token_id = secrets.token_hex(8)
-        secret = secrets.token_urlsafe(32)
-        self.detached[token_id] = _Detached(
-            record, secret.encode("ascii"), time.monotonic() + timeout
-        )
+        token_id, token = self.tokens.issue(record, time.monotonic() + timeout)
         record.detached = token_id
         self._audit_resume(record, record.peer, "detached", token_id)
-        return {"token": f"{token_id}.{secret}"}
+        return {"token": token}
 
     def _retire(self, token_id: str, reason: str) -> None:
-        entry = self.detached.pop(token_id, None)
-        if entry is None:
-            return
-        entry.record.detached = None
-        self.retired[token_id] = (entry.secret, reason)
-        while len(self.retired) > RETIRED_TOKENS:
-            self.retired.popitem(last=False)
+        record = self.tokens.retire(token_id, reason)
+        if record is not None:
+            record.detached = None
 
     def _expire(self, token_id: str) -> None:
         """No resume in time: the worker ends the transaction."""
-        entry = self.detached.get(token_id)
-        if entry is None:
+        record = self.tokens.retire(token_id, "expired")
+        if record is None:
             return
-        self._retire(token_id, "expired")
-        _send_quietly(entry.record.control, {"op": "expire"})
-        self._audit_resume(entry.record, entry.record.peer, "detach-expired", token_id)
+        record.detached = None
+        _send_quietly(record.control, {"op": "expire"})
+        self._audit_resume(record, record.peer, "detach-expired", token_id)
 
     def _audit_resume(
         self, record: _Worker, peer: Peer, outcome: str, token_id: str | None, reason: str = ""
@@ -855,25 +829,14 @@ class Broker:
             raise ProtocolViolation("the token is not a string of at most 128 ASCII characters")
         self._forget_pending(pending)
         conn, peer = pending.conn, pending.peer
-        token_id, _, secret_text = token.partition(".")
-        secret = secret_text.encode("ascii")
-        entry = self.detached.get(token_id)
-        if entry is None or not hmac.compare_digest(entry.secret, secret):
-            retired = self.retired.get(token_id)
-            if retired is not None and hmac.compare_digest(retired[0], secret):
-                if retired[1] == "used":
-                    kind, text = "token-used", "this token was used already: a token is good once"
-                else:
-                    kind, text = "token-expired", "this token expired: its transaction has ended"
-                self._refuse_resume(conn, peer, None, kind, token_id, text)
-                return
-            # Unknown id or wrong secret: the same answer, so ids cannot be probed.
-            self._refuse_resume(
-                conn, peer, None, "token-invalid", None, "no detached transaction has this token"
-            )
+        found = self.tokens.look_up(token, time.monotonic())
+        token_id, record = found.token_id, found.holder
+        if record is None:
+            kind = found.refusal or "token-invalid"
+            self._refuse_resume(conn, peer, None, kind, token_id, _TOKEN_REFUSALS[kind])
             return
-        record = entry.record
-        if entry.deadline <= time.monotonic():
+        assert token_id is not None
+        if found.refusal is not None:  # live, but past its deadline
             self._expire(token_id)
             self._refuse_resume(
                 conn,
@@ -971,6 +934,11 @@ class Broker:
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_TOKEN_REFUSALS = {
+    "token-used": "this token was used already: a token is good once",
+    "token-expired": "this token expired: its transaction has ended",
+    "token-invalid": "no detached transaction has this token",
+}
 
 
 def _succeeded(phases: list[str]) -> bool:
