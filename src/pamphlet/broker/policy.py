@@ -77,9 +77,9 @@ class Rule:
     services: frozenset[str]
     phases: frozenset[str]
     max_in_flight: int  # per peer uid
+    max_in_flight_total: int  # the rule as a whole
     setenv: frozenset[str]
     require_authentication: bool
-    max_in_flight_total: int = 0  # the rule as a whole (0 only before parse fills it)
 
     def matches(self, peer: Peer) -> bool:
         return peer.user in self.users or not self.groups.isdisjoint(peer.groups)
@@ -251,9 +251,9 @@ def _rule(index: int, table: Any) -> Rule:
         services,
         phases,
         max_in_flight,
+        total,
         _strings(table, "setenv", where),
         require,
-        total,
     )
 
 
