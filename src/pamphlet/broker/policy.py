@@ -81,6 +81,12 @@ class Rule:
     setenv: frozenset[str]
     require_authentication: bool
 
+    def __hash__(self) -> int:
+        # The broker counts running transactions per rule on every login: a
+        # cheap hash, consistent with the generated __eq__ (equal rules have
+        # the same index and services; the frozenset caches its own hash).
+        return hash((self.index, self.services))
+
     def matches(self, peer: Peer) -> bool:
         return peer.user in self.users or not self.groups.isdisjoint(peer.groups)
 

@@ -33,13 +33,13 @@ from typing import Any
 from ..constants import ReturnCode
 from . import protocol, worker
 from .audit import Audit, RefusalSummary
-from .credentials import become_setuid_program, harden_worker
+from .credentials import become_setuid_program, make_undumpable
 from .listener import bind, systemd_listener
 from .policy import Peer, Policy, PolicyError, Rule, load
 from .protocol import MAX_REPLY_FRAME, MAX_REQUEST_FRAME, FrameBuffer, ProtocolViolation
 from .throttle import FailureCounter, Reservation
 from .tokens import Tokens
-from .watchdog import Deadline
+from .watchdog import Deadline, Deadlines
 
 __all__ = ["Broker", "Audit", "FailureCounter", "main"]
 
@@ -127,6 +127,7 @@ class Broker:
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_sweep = 0.0
+        self.deadlines = Deadlines()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -139,6 +140,7 @@ class Broker:
             signum: signal.signal(signum, self._on_signal)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
         }
+        make_undumpable()  # the broker and, inherited, every worker
         gc.collect()
         gc.freeze()  # what the broker holds now is never scanned again in a worker
         try:
@@ -170,11 +172,13 @@ class Broker:
         worker is contained: audited, that one is dropped, the loop goes on."""
         now = time.monotonic()
         deadlines = [p.deadline for p in self.pending.values()]
-        deadlines += self.tokens.deadlines()
+        if self.tokens.live:
+            deadlines += self.tokens.deadlines()
         if self.workers:
             deadlines.append(self._next_sweep)
-        if self.unknown_peers.next_flush is not None:
-            deadlines.append(self.unknown_peers.next_flush)
+        next_flush = self.unknown_peers.next_flush
+        if next_flush is not None:
+            deadlines.append(next_flush)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         for key, _ in self.selector.select(timeout):
             self._contained(self._dispatch, key.data)
@@ -183,19 +187,15 @@ class Broker:
             self.reload_requested = False
             self._contained(self._reload, None)
         now = time.monotonic()
-        for pending in [p for p in self.pending.values() if p.deadline <= now]:
-            self._contained(
-                lambda p: self._drop_pending(
-                    p, "timeout", "no start frame within the start timeout"
-                ),
-                pending,
-            )
-        for token_id in self.tokens.past(now):
-            self._contained(self._expire, token_id)
+        if self.pending:
+            for pending in [p for p in self.pending.values() if p.deadline <= now]:
+                self._contained(self._time_out_pending, pending)
+        if self.tokens.live:
+            for token_id in self.tokens.past(now):
+                self._contained(self._expire, token_id)
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_INTERVAL
             self._contained(self._sweep, now)
-        next_flush = self.unknown_peers.next_flush
         if next_flush is not None and now >= next_flush:
             self._contained(self.unknown_peers.flush, now)
 
@@ -265,7 +265,7 @@ class Broker:
             self.retiring.add(spare.pid)
             _kill(spare.pid, signal.SIGTERM)
             spare.control.close()
-            spare.deadline.close()
+            self.deadlines.give_back(spare.deadline)  # a spare never writes its slot
         self.spares = []
         self._replenish()
         self.audit.log(event="reloaded", policy=self.policy_path, rules=len(policy.rules))
@@ -503,7 +503,7 @@ class Broker:
         except OSError as exc:
             _kill(pid, signal.SIGKILL)
             control.close()
-            spare.deadline.close()
+            self.deadlines.give_back(spare.deadline)
             self.retiring.add(pid)
             self._refuse(conn, peer, service, user, "busy", f"cannot start a worker: {exc}")
             return
@@ -525,8 +525,11 @@ class Broker:
                 return
 
     def _spawn_spare(self) -> bool:
+        deadline = self.deadlines.take()
+        if deadline is None:
+            self.audit.log(event="fork-failed", error=f"{len(self.workers)} workers exist already")
+            return False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        deadline = Deadline()
         # SIGTERM stays blocked across the fork until the new worker has its
         # own handler: a stop that comes in between is delivered, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -536,7 +539,7 @@ class Broker:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             ours.close()
             theirs.close()
-            deadline.close()
+            self.deadlines.give_back(deadline)
             self.audit.log(event="fork-failed", error=exc.strerror)
             return False
         if pid == 0:  # a spare worker
@@ -597,14 +600,12 @@ class Broker:
             other.close()
         for record in self.workers.values():
             record.control.close()
-            record.deadline.close()
         for spare in self.spares:
             spare.control.close()
-            spare.deadline.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        harden_worker()  # a reload (SIGHUP) is the broker's business, not a worker's
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the broker's business
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -683,7 +684,7 @@ class Broker:
             if spare.pid == pid:
                 self.spares.remove(spare)
                 spare.control.close()
-                spare.deadline.close()
+                self.deadlines.give_back(spare.deadline)
                 return
 
     def _finish(self, record: _Worker, status: int) -> None:
@@ -702,7 +703,7 @@ class Broker:
                     self.selector.unregister(record.control)
         finally:
             record.control.close()
-            record.deadline.close()
+            self.deadlines.give_back(record.deadline)
             if record.reservation is not None:
                 # Died before it reported the outcome: a failure (the peer can
                 # kill its own worker, and must not take back a guess that way).
