@@ -255,8 +255,9 @@ def change_password(
     )
     with app:
         if broker is not None:
-            # The broker's worker runs as root, where pam_unix asks no old
-            # password; its policy wants the user authenticated first.
+            # The broker's policy wants the user authenticated before
+            # chauthtok (its worker runs with the peer's real uid, so pam_unix
+            # asks for the old password again in chauthtok as well).
             app._choose = lambda prompt: _old_password_for_prompt(prompt, old)
             app.authenticate()
             app._choose = choose
