@@ -720,3 +720,32 @@ def test_policy_check_command():
         text=True,
     )
     assert proc.returncode == 0 and "1 rules, OK" in proc.stdout
+    assert "warning" not in proc.stdout
+
+
+def test_policy_check_warns_when_one_address_can_spend_the_peers_budget(tmp_path):
+    # A site's users all share its uid: with the rhost limit at or above the
+    # peer's, failures from one client address lock every user of the site out.
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        "[[allow]]\nusers = ['www-data']\nservices = ['login']\n"
+        "[throttle]\npeer_slow_after = 10\npeer_refuse_after = 20\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pamphlet", "broker", "--policy", str(path), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        f"pamphlet broker: warning: {path}: [throttle]: rhost_refuse_after (30) is not below "
+        "peer_refuse_after (20): one client address of a web site can use up the failures of "
+        "every user of that site"
+    ) in proc.stdout
+    path.write_text(path.read_text() + "rhost_slow_after = 3\nrhost_refuse_after = 5\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pamphlet", "broker", "--policy", str(path), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "warning" not in proc.stdout, proc.stdout

@@ -66,6 +66,14 @@ users = ["root"]
 services = ["django"]
 max_in_flight = 12
 
+# Small budgets, so that a test can spend one address's: the site's users
+# all share its uid, and one address must not spend the peer's budget.
+[throttle]
+rhost_slow_after = 8
+rhost_refuse_after = 8
+peer_slow_after = 40
+peer_refuse_after = 40
+
 [limits]
 detach_timeout = 120
 """
@@ -690,6 +698,34 @@ def test_one_failure_text_for_a_wrong_password_and_an_unknown_user(site: Site) -
         assert client.status == 200
         pages.append(client.notices())
     assert pages[0] == pages[1] == ["Login incorrect."], pages
+
+
+def test_failures_for_made_up_names_from_one_address_leave_the_site_open(
+    site: Site, page: Browser, shots: pathlib.Path
+) -> None:
+    # An anonymous client at 127.0.0.4 guesses for made-up names until the
+    # broker throttles its address (rhost_refuse_after = 8). On main the
+    # broker counted failures per peer uid only: the site's, so every user
+    # of the site was then locked out. Every page reads the same.
+    assert site.broker is not None
+    for _ in range(45):  # past the peer's budget (40), had it been the one to stop it
+        client = anonymous_start(site, "127.0.0.4", f"pdjmade{secrets.token_hex(3)}")
+        if "Password:" in client.text:
+            client.post("/login/", {"action": "answer", "answer-0": "a-guess"})
+        assert client.status == 200
+        assert client.notices() == ["Login incorrect."], client.text
+        assert not any(word in client.text for word in BROKER_WORDS), client.text
+        if site.broker.audit_lines("rhost=127.0.0.4", "throttled", timeout=0):
+            break
+    audit = site.broker.audit_text()
+    assert site.broker.audit_lines("rhost=127.0.0.4", "throttled", timeout=0), audit
+    guessed = site.broker.audit_lines("rhost=127.0.0.4", "outcome=failure", timeout=0)
+    assert len(guessed) == 8, audit
+    # Meanwhile a user at another address signs in.
+    name, password, _ = site.users["plain"]
+    start_login(page, site, name, shots)
+    answer(page, "Password:", password, shots, "password")
+    assert page.title == f"Welcome, {name}", page.text
 
 
 def test_totp_function_agrees_with_oathtool() -> None:

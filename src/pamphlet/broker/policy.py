@@ -111,6 +111,22 @@ class Throttle:
     delay: float = 1.0
     max_delay: float = 10.0
 
+    def warnings(self) -> list[str]:
+        """What lets one client address of a peer spend the whole peer's budget."""
+        if self.rhost_refuse_after >= self.peer_refuse_after:
+            return [
+                f"[throttle]: rhost_refuse_after ({self.rhost_refuse_after}) is not below "
+                f"peer_refuse_after ({self.peer_refuse_after}): one client address of a web "
+                "site can use up the failures of every user of that site"
+            ]
+        if self.rhost_refuse_after >= self.peer_slow_after:
+            return [
+                f"[throttle]: rhost_refuse_after ({self.rhost_refuse_after}) is not below "
+                f"peer_slow_after ({self.peer_slow_after}): one client address of a web site "
+                "can slow down the logins of every user of that site"
+            ]
+        return []
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:

@@ -1069,6 +1069,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pamphlet broker: {arguments.policy}: {len(policy.rules)} rules, OK")
         for warning in stack_warnings:
             print(f"pamphlet broker: warning: {warning}")
+        for text in policy.throttle.warnings():
+            print(f"pamphlet broker: warning: {arguments.policy}: {text}")
         return 0
     try:
         mode = int(arguments.socket_mode, 8)
@@ -1120,6 +1122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             module=line.module,
             reason=warning.reason,
         )
+    for text in policy.throttle.warnings():
+        print(f"pamphlet broker: warning: {arguments.policy}: {text}", file=sys.stderr)
+        broker.audit.log(event="policy-warning", policy=arguments.policy, reason=text)
     print(
         f"pamphlet broker: listening on {path or 'the socket systemd passed'}",
         file=sys.stderr,
