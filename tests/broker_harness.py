@@ -23,6 +23,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pamphlet
@@ -45,11 +46,12 @@ def public_dir(prefix: str) -> pathlib.Path:
 
 
 def public_source() -> pathlib.Path:
-    """A world-readable copy of src/ for unprivileged interpreters."""
+    """A world-readable copy of src/ (and of this harness) for unprivileged interpreters."""
     target = public_dir("pamphlet-src-")
     shutil.copytree(
         SRC / "pamphlet", target / "pamphlet", ignore=shutil.ignore_patterns("__pycache__")
     )
+    shutil.copy(__file__, target / "broker_harness.py")
     for root, dirs, files in os.walk(target):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o755)
@@ -61,7 +63,10 @@ def public_source() -> pathlib.Path:
 class Broker:
     """``python -m pamphlet broker`` on a socket in a fresh folder."""
 
-    def __init__(self, policy: str, confdir: str | None, *extra: str) -> None:
+    def __init__(
+        self, policy: str, confdir: str | None, *extra: str, wrapper: Sequence[str] = ()
+    ) -> None:
+        """``wrapper``: a command the broker's command line is appended to (a namespace)."""
         self.directory = public_dir("pamphlet-broker-")
         self.socket = str(self.directory / "broker.sock")
         self.policy = self.directory / "policy.toml"
@@ -69,6 +74,7 @@ class Broker:
         self.log = self.directory / "audit.log"
         self._log_file = open(self.log, "w")  # noqa: SIM115 - closed in stop()
         command = [
+            *wrapper,
             sys.executable,
             "-m",
             "pamphlet",
@@ -124,6 +130,19 @@ class Broker:
                 continue
             if int(fields[1]) == self.pid:
                 found.append((int(name), fields[0]))
+        return found
+
+    def workers_of(self, uid: int) -> list[int]:
+        """The broker's children whose real uid is ``uid``: the workers of that peer."""
+        found = []
+        for pid, _ in self.children():
+            try:
+                with open(f"/proc/{pid}/status") as file:
+                    uids = next(line for line in file if line.startswith("Uid:")).split()[1:]
+            except (OSError, StopIteration):
+                continue
+            if int(uids[0]) == uid:
+                found.append(pid)
         return found
 
     def wait_for_children(self, count: int, timeout: float = 10) -> list[tuple[int, str]]:
@@ -217,28 +236,91 @@ def frames_until_closed(sock: socket.socket) -> list[dict[str, Any]]:
 # -- an unprivileged client ----------------------------------------------------------
 
 
+def as_user(user: str, group: str, *command: str) -> list[str]:
+    """``command`` run as ``user`` and ``group`` only (setpriv, no other groups)."""
+    return ["setpriv", f"--reuid={user}", f"--regid={group}", "--clear-groups", "--", *command]
+
+
+def python_env(source: pathlib.Path) -> dict[str, str]:
+    """The environment of an unprivileged interpreter that imports ``source``."""
+    return {"PYTHONPATH": str(source), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def shadow_hash(user: str) -> str:
+    """``user``'s password hash in /etc/shadow."""
+    for line in pathlib.Path("/etc/shadow").read_text().splitlines():
+        name, hashed, *_ = line.split(":")
+        if name == user:
+            return hashed
+    raise AssertionError(f"{user} is not in /etc/shadow")
+
+
 def run_as(
     user: str, group: str, source: pathlib.Path, code: str, timeout: float = 60
 ) -> dict[str, Any]:
     """Run ``code`` as ``user`` with Debian's python3; it prints one JSON object."""
     proc = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={user}",
-            f"--regid={group}",
-            "--clear-groups",
-            "--",
-            SYSTEM_PYTHON,
-            "-c",
-            textwrap.dedent(code),
-        ],
+        as_user(user, group, SYSTEM_PYTHON, "-c", textwrap.dedent(code)),
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd="/",
-        env={"PYTHONPATH": str(source), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        env=python_env(source),
     )
     if proc.returncode != 0:
         raise AssertionError(f"the client failed ({proc.returncode}):\n{proc.stderr}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
+
+
+# -- an unprivileged client that holds transactions open --------------------------------
+
+_HOLDER = """\
+import json, sys
+from broker_harness import frame, raw_connect, read_frame, start_frame
+path, service, user, count = sys.argv[1:5]
+held = []
+for _ in range(int(count)):
+    sock = raw_connect(path)
+    sock.sendall(start_frame(service, user))
+    reply = read_frame(sock) or {"op": None}
+    if reply["op"] == "started":
+        sock.sendall(frame({"op": "call", "phase": "authenticate", "flags": 0}))
+        reply = read_frame(sock) or {"op": None}
+        held.append(sock)
+    print(json.dumps(reply), flush=True)
+sys.stdin.read()  # held until the test closes our stdin
+"""
+
+
+class Holder:
+    """``count`` transactions of ``service`` started as ``user``, each waiting at its
+    first prompt, until :meth:`release`. ``replies`` is the reply each got
+    (``converse`` when it is held, else the broker's refusal)."""
+
+    def __init__(
+        self,
+        user: str,
+        group: str,
+        source: pathlib.Path,
+        path: str,
+        service: str,
+        target: str,
+        count: int,
+    ) -> None:
+        self.process = subprocess.Popen(
+            as_user(user, group, SYSTEM_PYTHON, "-c", _HOLDER, path, service, target, str(count)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            env=python_env(source),
+        )
+        assert self.process.stdout is not None
+        self.replies = [json.loads(self.process.stdout.readline() or "null") for _ in range(count)]
+
+    def release(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        self.process.wait(timeout=30)

@@ -11,6 +11,7 @@ import asyncio
 import os
 import pathlib
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -122,6 +123,23 @@ def _write_confdir(confdir: Any, scripted_module_path: str) -> Any:
     crash_script.write_text("crash\n")
     (confdir / "crash").write_text(f"auth required {scripted_module_path} script={crash_script}\n")
     (confdir / "unix").write_text(UNIX_STACK)
+    # Debian's /etc/pam.d/chsh, with common-auth and common-password inlined.
+    (confdir / "chsh").write_text(
+        "auth sufficient pam_rootok.so\n"
+        "auth required pam_unix.so\n"
+        "account required pam_unix.so\n"
+        "password required pam_unix.so yescrypt\n"
+    )
+    # A line per guess that reaches pam_unix ("$PAM_USER $PAM_RHOST" in
+    # "guesses"); seteuid, or pam_exec runs the script with the peer's real uid.
+    guesses = confdir / "guesses"
+    guesses.write_text("")
+    guess_script = confdir / "guess.sh"
+    guess_script.write_text(f'#!/bin/sh\necho "$PAM_USER $PAM_RHOST" >> {guesses}\n')
+    guess_script.chmod(0o755)
+    (confdir / "guess").write_text(
+        f"auth optional pam_exec.so seteuid quiet {guess_script}\nauth required pam_unix.so\n"
+    )
     return marker
 
 
@@ -434,21 +452,31 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
 
 
+class Brokers:
+    """Brokers of a test's own, each with a fresh confdir; ``cleanup()`` stops them."""
+
+    def __init__(self, scripted_module_path: str) -> None:
+        self.scripted_module_path = scripted_module_path
+        self.made: list[Setup] = []
+
+    def make(self, policy: str) -> Setup:
+        confdir = public_dir("pamphlet-confdir-")
+        marker = _write_confdir(confdir, self.scripted_module_path)
+        self.made.append(Setup(Broker(policy, str(confdir)), confdir, marker))
+        return self.made[-1]
+
+    def cleanup(self) -> None:
+        for setup in self.made:
+            setup.broker.cleanup()
+            subprocess.run(["rm", "-rf", str(setup.confdir)], check=True)
+
+
 @pytest.fixture
 def make_broker(scripted_module_path: str) -> Any:
     """``make_broker(policy)``: a broker of the test's own, stopped after it."""
-    made = []
-
-    def make(policy: str) -> Setup:
-        confdir = public_dir("pamphlet-confdir-")
-        marker = _write_confdir(confdir, scripted_module_path)
-        made.append(Setup(Broker(policy, str(confdir)), confdir, marker))
-        return made[-1]
-
-    yield make
-    for setup in made:
-        setup.broker.cleanup()
-        subprocess.run(["rm", "-rf", str(setup.confdir)], check=True)
+    brokers = Brokers(scripted_module_path)
+    yield brokers.make
+    brokers.cleanup()
 
 
 @pytest.fixture
@@ -551,6 +579,25 @@ def test_sigterm_ends_every_transaction_cleanly(make_broker):
     assert not os.path.exists(broker.socket)
 
 
+def test_every_connection_in_the_backlog_at_sigterm_is_answered(make_broker):
+    """Connections the broker has not accepted yet when SIGTERM comes get an
+    answer, not a reset: the broker answers its backlog before it closes."""
+    setup = make_broker(POLICY)
+    process = setup.broker.process
+    # Stopped, the broker accepts nothing: the connections wait in its backlog,
+    # and it takes at most 64 per turn once it runs again.
+    process.send_signal(signal.SIGSTOP)
+    flood = [raw_connect(setup.broker.socket) for _ in range(600)]
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+    assert process.wait(timeout=30) == 0
+    answers = [[f["op"] for f in frames_until_closed(sock)] for sock in flood]
+    unanswered = sum(not ops for ops in answers)
+    assert unanswered == 0, f"{unanswered} of {len(flood)} connections got no frame"
+    assert "error" in answers[-1]
+    assert setup.broker.audit_lines("event=backlog-answered")
+
+
 def test_bad_policy_files_are_reported(tmp_path):
     from pamphlet.broker.policy import PolicyError, load
 
@@ -562,6 +609,11 @@ def test_bad_policy_files_are_reported(tmp_path):
         "[[allow]]\nusers = ['a']\nservices = ['x']\nphase = []\n": "unknown key 'phase'",
         "allow = 3\n": "no [[allow]] rules",
         "[[allow]\n": "not valid TOML",
+        "[[allow]]\nusers = ['a']\nservices = ['x']\nmax_in_flight = 8\n"
+        "max_in_flight_total = 4\n": "max_in_flight_total must not be below max_in_flight",
+        "[[allow]]\nusers = ['a']\nservices = ['x']\n[throttle]\nrhost_slow_after = 40\n": (
+            "rhost_refuse_after must not be below rhost_slow_after"
+        ),
         "[[allow]]\nusers = ['a']\nservices = ['x']\n[throttle]\ndelay = 'x'\n": "delay",
     }
     for text, message in cases.items():

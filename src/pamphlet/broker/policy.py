@@ -7,14 +7,18 @@ A TOML file, read with the standard library's tomllib::
     groups = ["webapps"]          # peer group names (the peer user's groups)
     services = ["webapp"]         # PAM services this peer may use
     phases = ["authenticate", "acct_mgmt", "chauthtok"]   # the default
-    max_in_flight = 64            # transactions at once for this rule's peers
+    max_in_flight = 64            # transactions at once per peer uid of this rule
+    max_in_flight_total = 256     # transactions at once for the rule as a whole
+                                  # (default: 4 x max_in_flight)
 
     [throttle]                    # optional; these are the defaults
     window = 900                  # seconds a failure is remembered
     user_slow_after = 5           # failures per (peer uid, target user)
     user_refuse_after = 10
-    peer_slow_after = 30          # failures per peer uid, all users together
-    peer_refuse_after = 100
+    rhost_slow_after = 10         # failures per (peer uid, PAM_RHOST): one client
+    rhost_refuse_after = 30       # address of a peer that serves many
+    peer_slow_after = 100         # failures per peer uid, all users together
+    peer_refuse_after = 300
     delay = 1.0                   # seconds added per failure past *_slow_after
     max_delay = 10.0
 
@@ -26,7 +30,9 @@ A TOML file, read with the standard library's tomllib::
     max_pending_per_peer = 32     # connections of one uid not yet started
     detach_timeout = 300          # seconds a detached transaction waits to be resumed (0: off)
 
-The peer's identity is the kernel's (SO_PEERCRED), never the client's word.
+Logins whose outcome is not known yet count against these limits as if they
+had failed (:mod:`pamphlet.broker.throttle`). The peer's identity is the
+kernel's (SO_PEERCRED), never the client's word.
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ class Rule:
     groups: frozenset[str]
     services: frozenset[str]
     phases: frozenset[str]
-    max_in_flight: int
+    max_in_flight: int  # per peer uid
+    max_in_flight_total: int  # the rule as a whole
     setenv: frozenset[str]
     require_authentication: bool
 
@@ -91,8 +98,10 @@ class Throttle:
     window: float = 900.0
     user_slow_after: int = 5
     user_refuse_after: int = 10
-    peer_slow_after: int = 30
-    peer_refuse_after: int = 100
+    rhost_slow_after: int = 10
+    rhost_refuse_after: int = 30
+    peer_slow_after: int = 100
+    peer_refuse_after: int = 300
     delay: float = 1.0
     max_delay: float = 10.0
 
@@ -204,6 +213,7 @@ _RULE_KEYS = (
     "services",
     "phases",
     "max_in_flight",
+    "max_in_flight_total",
     "setenv",
     "require_authentication",
 )
@@ -228,6 +238,9 @@ def _rule(index: int, table: Any) -> Rule:
     max_in_flight = _number(table, "max_in_flight", 64, where, integer=True)
     if max_in_flight < 1:
         raise PolicyError(f"{where}: max_in_flight must be at least 1")
+    total = _number(table, "max_in_flight_total", 4 * max_in_flight, where, integer=True)
+    if total < max_in_flight:
+        raise PolicyError(f"{where}: max_in_flight_total must not be below max_in_flight")
     require = table.get("require_authentication", True)
     if not isinstance(require, bool):
         raise PolicyError(f"{where}: require_authentication must be true or false")
@@ -238,6 +251,7 @@ def _rule(index: int, table: Any) -> Rule:
         services,
         phases,
         max_in_flight,
+        total,
         _strings(table, "setenv", where),
         require,
     )
@@ -264,10 +278,11 @@ def parse(data: Mapping[str, Any]) -> Policy:
             for name, field in throttle_fields.items()
         }
     )
-    if throttle.user_refuse_after < throttle.user_slow_after:
-        raise PolicyError("[throttle]: user_refuse_after must not be below user_slow_after")
-    if throttle.peer_refuse_after < throttle.peer_slow_after:
-        raise PolicyError("[throttle]: peer_refuse_after must not be below peer_slow_after")
+    for kind in ("user", "rhost", "peer"):
+        if getattr(throttle, f"{kind}_refuse_after") < getattr(throttle, f"{kind}_slow_after"):
+            raise PolicyError(
+                f"[throttle]: {kind}_refuse_after must not be below {kind}_slow_after"
+            )
     limit_fields = {f.name: f for f in dataclasses.fields(Limits)}
     _no_unknown(limits_table, limit_fields, "[limits]")
     limits = Limits(

@@ -5,8 +5,11 @@ asks the kernel who the peer is (SO_PEERCRED), reads the start frame without
 blocking, checks the policy, the rule's ``max_in_flight`` and the throttle,
 and forks a worker (:mod:`pamphlet.broker.worker`) that runs this one PAM
 transaction in a process of its own. The broker writes one audit line per
-connection, counts failed authentications, and on SIGTERM (or SIGINT) stops
-accepting, ends every transaction cleanly and reaps every worker.
+connection, counts failed authentications (:mod:`pamphlet.broker.throttle`),
+kills workers past their deadline (:mod:`pamphlet.broker.watchdog`), reloads
+its policy on SIGHUP, and on SIGTERM (or SIGINT) stops accepting, ends every
+transaction cleanly and reaps every worker. A failure in handling one
+connection or worker is audited and costs only that one: the loop goes on.
 """
 
 from __future__ import annotations
@@ -16,28 +19,27 @@ import collections
 import dataclasses
 import errno
 import gc
-import grp
-import hmac
-import json
 import os
-import re
-import secrets
 import select
 import selectors
 import signal
 import socket
-import stat
 import sys
-import syslog
 import time
 import traceback
-from collections.abc import Sequence
-from typing import IO, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..constants import ReturnCode
 from . import protocol, worker
-from .policy import Peer, Policy, PolicyError, Rule, Throttle, load
+from .audit import Audit, RefusalSummary
+from .credentials import become_setuid_program, harden_worker
+from .listener import bind, systemd_listener
+from .policy import Peer, Policy, PolicyError, Rule, load
 from .protocol import MAX_REPLY_FRAME, MAX_REQUEST_FRAME, FrameBuffer, ProtocolViolation
+from .throttle import FailureCounter, Reservation
+from .tokens import Tokens
+from .watchdog import Deadline
 
 __all__ = ["Broker", "Audit", "FailureCounter", "main"]
 
@@ -46,101 +48,6 @@ STOP_GRACE = 10.0
 #: Workers forked ahead, waiting for a connection: the fork is then paid
 #: between logins, not during one.
 SPARES = 2
-
-
-class Audit:
-    """One line per transaction: syslog (LOG_AUTHPRIV) when /dev/log exists, else stderr."""
-
-    def __init__(self, where: str = "auto", stream: IO[str] | None = None) -> None:
-        if where == "auto":
-            where = "syslog" if os.path.exists("/dev/log") else "stderr"
-        self.where = where
-        self.stream = stream or sys.stderr
-        if where == "syslog":
-            syslog.openlog("pamphlet-broker", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
-
-    def log(self, **fields: Any) -> None:
-        line = " ".join(f"{key}={_value(value)}" for key, value in fields.items())
-        if self.where == "syslog":
-            syslog.syslog(syslog.LOG_INFO, line)
-        else:
-            self.stream.write(f"pamphlet-broker[{os.getpid()}]: {line}\n")
-            self.stream.flush()
-
-
-_PLAIN = re.compile(r"[A-Za-z0-9._@:/,+#-]+")
-
-
-def _value(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value) or "-"
-    text = str(value)
-    # Client-chosen text (user, rhost) can never forge a field or a line.
-    return text if _PLAIN.fullmatch(text) else json.dumps(text)
-
-
-class FailureCounter:
-    """Failed authentications per (peer uid, target user) and per peer uid."""
-
-    def __init__(self, settings: Throttle) -> None:
-        self.settings = settings
-        self.by_user: dict[tuple[int, str], collections.deque[float]] = {}
-        self.by_peer: dict[int, collections.deque[float]] = {}
-        self._pruned = 0.0
-
-    def _recent(self, table: dict[Any, collections.deque[float]], key: Any, now: float) -> int:
-        times = table.get(key)
-        if not times:
-            return 0
-        horizon = now - self.settings.window
-        while times and times[0] <= horizon:
-            times.popleft()
-        if not times:
-            del table[key]
-        return len(times)
-
-    def check(self, uid: int, user: str | None, now: float) -> tuple[str | None, float]:
-        """(refusal text or None, seconds to wait before trying)."""
-        s = self.settings
-        peer_failures = self._recent(self.by_peer, uid, now)
-        user_failures = 0 if user is None else self._recent(self.by_user, (uid, user), now)
-        if user is not None and user_failures >= s.user_refuse_after:
-            return (
-                f"{user_failures} failed logins for {user!r} from this peer in the last "
-                f"{s.window:g} s: refused until they age out",
-                0.0,
-            )
-        if peer_failures >= s.peer_refuse_after:
-            return (
-                f"{peer_failures} failed logins from this peer in the last {s.window:g} s: "
-                "refused until they age out",
-                0.0,
-            )
-        delay = 0.0
-        if user is not None and user_failures >= s.user_slow_after:
-            delay = s.delay * (user_failures - s.user_slow_after + 1)
-        if peer_failures >= s.peer_slow_after:
-            delay = max(delay, s.delay * (peer_failures - s.peer_slow_after + 1))
-        return None, min(delay, s.max_delay)
-
-    def record(self, uid: int, user: str | None, code: int, now: float) -> None:
-        s = self.settings
-        if code == 0:
-            if user is not None:
-                self.by_user.pop((uid, user), None)
-            return
-        self.by_peer.setdefault(uid, collections.deque(maxlen=s.peer_refuse_after + 1)).append(now)
-        if user is not None:
-            self.by_user.setdefault(
-                (uid, user), collections.deque(maxlen=s.user_refuse_after + 1)
-            ).append(now)
-        if now - self._pruned > 60:
-            self._pruned = now
-            for table in (self.by_user, self.by_peer):
-                for key in list(table):
-                    self._recent(table, key, now)
 
 
 @dataclasses.dataclass(eq=False)
@@ -152,35 +59,37 @@ class _Pending:
 
 
 @dataclasses.dataclass(eq=False)
+class _Spare:
+    """A worker forked ahead, waiting for its connection."""
+
+    pid: int
+    control: socket.socket
+    deadline: Deadline
+
+
+@dataclasses.dataclass(eq=False)
 class _Worker:
     pid: int
     control: socket.socket
     peer: Peer
-    rule: Rule
+    rule: Rule  # the rule that admitted it, kept across a policy reload
     service: str
     user: str | None
     buffer: FrameBuffer
+    deadline: Deadline
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     eof: bool = False
     detached: str | None = None  # the id of its live resume token, while detached
+    reservation: Reservation | None = None  # its authenticate's places in the throttle
+    overdue: bool = False  # killed by the broker for missing its deadline
 
 
-@dataclasses.dataclass(eq=False)
-class _Detached:
-    """A detached transaction: its worker waits for a resume with this token."""
-
-    record: _Worker
-    secret: bytes
-    deadline: float
-
-
-#: Token ids remembered after their token was used or expired, so that a
-#: replay is told apart from a token that never was (bounded; oldest go first).
-RETIRED_TOKENS = 4096
+#: Seconds between two looks at the workers' deadlines.
+SWEEP_INTERVAL = 1.0
 
 
 class Broker:
-    """The broker process. ``serve()`` runs until SIGTERM or SIGINT."""
+    """The broker process. ``serve()`` runs until SIGTERM or SIGINT; SIGHUP reloads."""
 
     def __init__(
         self,
@@ -191,26 +100,33 @@ class Broker:
         audit: Audit | None = None,
         socket_path: str | None = None,
         spares: int = SPARES,
+        policy_path: str | None = None,
     ) -> None:
         self.policy = policy
+        self.policy_path = policy_path
         self.listener = listener
         self.confdir = None if confdir is None else os.fsencode(confdir)
         self.audit = audit or Audit()
+        self.unknown_peers = RefusalSummary(self.audit)
         self.socket_path = socket_path
         self.failures = FailureCounter(policy.throttle)
         self.pending: dict[socket.socket, _Pending] = {}
         self.workers: dict[int, _Worker] = {}
-        self.in_flight: collections.Counter[int] = collections.Counter()
+        # Running transactions per rule, and per (rule, peer uid): the fair shares.
+        self.in_flight: collections.Counter[Rule] = collections.Counter()
+        self.in_flight_by_uid: collections.Counter[tuple[Rule, int]] = collections.Counter()
         self.pending_by_uid: collections.Counter[int] = collections.Counter()
         self.stopping = False
+        self.reload_requested = False
         self.served = 0
-        self.spares: list[tuple[int, socket.socket]] = []
+        self.spares: list[_Spare] = []
         self.spare_count = spares
+        self.retiring: set[int] = set()  # spares of a policy that was replaced
         self._peer_cache: dict[tuple[int, int], tuple[float, Peer]] = {}
-        self.detached: dict[str, _Detached] = {}
-        self.retired: collections.OrderedDict[str, tuple[bytes, str]] = collections.OrderedDict()
+        self.tokens: Tokens[_Worker] = Tokens()  # of detached transactions
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._next_sweep = 0.0
 
     # -- the loop -------------------------------------------------------------------
 
@@ -221,7 +137,7 @@ class Broker:
         previous = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         handlers = {
             signum: signal.signal(signum, self._on_signal)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
         }
         gc.collect()
         gc.freeze()  # what the broker holds now is never scanned again in a worker
@@ -246,28 +162,113 @@ class Broker:
     def _on_signal(self, signum: int, frame: Any) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
+        elif signum == signal.SIGHUP:
+            self.reload_requested = True
 
     def _turn(self) -> None:
+        """One pass of the loop. Whatever fails in handling one connection or
+        worker is contained: audited, that one is dropped, the loop goes on."""
         now = time.monotonic()
         deadlines = [p.deadline for p in self.pending.values()]
-        deadlines += [d.deadline for d in self.detached.values()]
+        deadlines += self.tokens.deadlines()
+        if self.workers:
+            deadlines.append(self._next_sweep)
+        if self.unknown_peers.next_flush is not None:
+            deadlines.append(self.unknown_peers.next_flush)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         for key, _ in self.selector.select(timeout):
-            what = key.data
-            if what == "listener":
-                self._accept()
-            elif what == "wake":
-                _drain(self._wake_r)
-            elif isinstance(what, _Pending):
-                self._read_pending(what)
-            elif isinstance(what, _Worker):
-                self._read_control(what)
-        self._reap()
+            self._contained(self._dispatch, key.data)
+        self._contained(self._reap, None)
+        if self.reload_requested:
+            self.reload_requested = False
+            self._contained(self._reload, None)
         now = time.monotonic()
         for pending in [p for p in self.pending.values() if p.deadline <= now]:
-            self._drop_pending(pending, "timeout", "no start frame within the start timeout")
-        for token_id in [t for t, d in self.detached.items() if d.deadline <= now]:
-            self._expire(token_id)
+            self._contained(
+                lambda p: self._drop_pending(
+                    p, "timeout", "no start frame within the start timeout"
+                ),
+                pending,
+            )
+        for token_id in self.tokens.past(now):
+            self._contained(self._expire, token_id)
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            self._contained(self._sweep, now)
+        next_flush = self.unknown_peers.next_flush
+        if next_flush is not None and now >= next_flush:
+            self._contained(self.unknown_peers.flush, now)
+
+    def _dispatch(self, what: Any) -> None:
+        if what == "listener":
+            self._accept()
+        elif what == "wake":
+            _drain(self._wake_r)
+        elif isinstance(what, _Pending):
+            self._read_pending(what)
+        elif isinstance(what, _Worker):
+            self._read_control(what)
+
+    def _contained(self, action: Callable[[Any], Any], subject: Any) -> None:
+        """Run ``action(subject)``; a failure is audited and costs only its subject."""
+        try:
+            action(subject)
+        except Exception as exc:  # the loop must outlive any one failure
+            where = getattr(action, "__name__", "loop")
+            self.audit.log(
+                event="internal-error",
+                where=where,
+                error=f"{type(exc).__name__}: {exc}",
+                at=_innermost(exc),
+            )
+            try:
+                self._abandon(subject)
+            except Exception as again:
+                self.audit.log(event="internal-error", where="abandon", error=repr(again))
+
+    def _abandon(self, subject: Any) -> None:
+        """After a failure in handling ``subject``: let go of it, fail closed."""
+        if isinstance(subject, _Pending):
+            if subject.conn in self.pending:
+                self._forget_pending(subject)
+            _send_quietly(subject.conn, {"op": "error", "message": "the broker failed"})
+            subject.conn.close()
+        elif isinstance(subject, _Worker):
+            _kill(subject.pid, signal.SIGKILL)  # reaped and accounted by _reap
+        elif isinstance(subject, str) and subject in self.tokens.live:
+            self._expire(subject)
+
+    def _sweep(self, now: float) -> None:
+        """Kill the workers past their deadline (stopped by their peer, or hung)."""
+        for record in self.workers.values():
+            if not record.overdue and record.deadline.overdue(now):
+                record.overdue = True
+                _kill(record.pid, signal.SIGKILL)
+
+    def _reload(self, _: Any = None) -> None:
+        """SIGHUP: read the policy again. A bad one keeps the old, with an audit line.
+
+        Running transactions keep the rule that admitted them; the spares,
+        forked with the old policy, are replaced.
+        """
+        if self.policy_path is None:
+            self.audit.log(event="reload-failed", reason="the policy was not read from a file")
+            return
+        try:
+            policy = load(self.policy_path)
+        except PolicyError as exc:
+            self.audit.log(event="reload-failed", policy=self.policy_path, reason=str(exc))
+            return
+        self.policy = policy
+        self.failures.settings = policy.throttle
+        for spare in self.spares:
+            self.retiring.add(spare.pid)
+            _kill(spare.pid, signal.SIGTERM)
+            spare.control.close()
+            spare.deadline.close()
+        self.spares = []
+        self._replenish()
+        self.audit.log(event="reloaded", policy=self.policy_path, rules=len(policy.rules))
 
     # -- connections before their start frame --------------------------------------
 
@@ -302,13 +303,16 @@ class Broker:
                 conn.close()
                 continue
             if not self.policy.rules_for(peer):
-                self._refuse(
-                    conn,
-                    peer,
-                    None,
-                    None,
-                    "peer",
-                    f"no rule of the broker's policy allows user {peer.user!r} or its groups",
+                text = f"no rule of the broker's policy allows user {peer.user!r} or its groups"
+                _send_quietly(conn, {"op": "refused", "kind": "peer", "message": text})
+                conn.close()
+                # Anybody can connect: their refusals are summarized, not a line each.
+                self.unknown_peers.refused(
+                    time.monotonic(),
+                    peer.uid,
+                    peer_pid=peer.pid,
+                    outcome="refused:peer",
+                    reason=text,
                 )
                 continue
             if self.pending_by_uid[peer.uid] >= self.policy.limits.max_pending_per_peer:
@@ -337,6 +341,9 @@ class Broker:
         if not self.pending_by_uid[pending.peer.uid]:
             del self.pending_by_uid[pending.peer.uid]
         self.selector.unregister(pending.conn)
+
+    def _time_out_pending(self, pending: _Pending) -> None:
+        self._drop_pending(pending, "timeout", "no start frame within the start timeout")
 
     def _drop_pending(self, pending: _Pending, outcome: str, text: str) -> None:
         self._forget_pending(pending)
@@ -435,22 +442,31 @@ class Broker:
                 f"the broker's policy does not let this peer use service {service!r}",
             )
             return
-        if self.in_flight[rule.index] >= rule.max_in_flight:
-            self._refuse(
-                conn,
-                peer,
-                service,
-                user,
-                "busy",
-                f"{rule.max_in_flight} transactions of {rule.describe()} are running "
-                "(its max_in_flight)",
-            )
+        busy = self._share_refusal(rule, peer.uid)
+        if busy is not None:
+            self._refuse(conn, peer, service, user, "busy", busy)
             return
         refusal, _ = self.failures.check(peer.uid, user, time.monotonic())
         if refusal is not None:
             self._refuse(conn, peer, service, user, "throttled", refusal)
             return
         self._fork(conn, peer, rule, service, user, raw_service, raw_user)
+
+    def _share_refusal(self, rule: Rule, uid: int) -> str | None:
+        """Why a new transaction of ``uid`` under ``rule`` must wait, if it must."""
+        mine = self.in_flight_by_uid[(rule, uid)]
+        if mine >= rule.max_in_flight:
+            return (
+                f"this peer has {mine} transactions of {rule.describe()} running "
+                "(its max_in_flight per peer uid)"
+            )
+        everyone = self.in_flight[rule]
+        if everyone >= rule.max_in_flight_total:
+            return (
+                f"{everyone} transactions of {rule.describe()} are running "
+                "(its max_in_flight_total)"
+            )
+        return None
 
     # -- workers ---------------------------------------------------------------------
 
@@ -470,13 +486,16 @@ class Broker:
         if not self.spares:
             self._refuse(conn, peer, service, user, "busy", "cannot start a worker")
             return
-        pid, control = self.spares.pop(0)
+        spare = self.spares.pop(0)
+        pid, control = spare.pid, spare.control
         assignment = protocol.encode_frame(
             {
                 "op": "assign",
                 "rule": rule.index,
                 "service": protocol.b64(raw_service),
                 "user": protocol.b64(raw_user),
+                "uid": peer.uid,
+                "gid": peer.gid,
             }
         )
         try:
@@ -484,13 +503,18 @@ class Broker:
         except OSError as exc:
             _kill(pid, signal.SIGKILL)
             control.close()
+            spare.deadline.close()
+            self.retiring.add(pid)
             self._refuse(conn, peer, service, user, "busy", f"cannot start a worker: {exc}")
             return
         conn.close()
         control.setblocking(False)
-        record = _Worker(pid, control, peer, rule, service, user, FrameBuffer(MAX_REPLY_FRAME))
+        record = _Worker(
+            pid, control, peer, rule, service, user, FrameBuffer(MAX_REPLY_FRAME), spare.deadline
+        )
         self.workers[pid] = record
-        self.in_flight[rule.index] += 1
+        self.in_flight[rule] += 1
+        self.in_flight_by_uid[(rule, peer.uid)] += 1
         self.served += 1
         self.selector.register(control, selectors.EVENT_READ, record)
         self._replenish()
@@ -502,6 +526,7 @@ class Broker:
 
     def _spawn_spare(self) -> bool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = Deadline()
         # SIGTERM stays blocked across the fork until the new worker has its
         # own handler: a stop that comes in between is delivered, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -511,6 +536,7 @@ class Broker:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             ours.close()
             theirs.close()
+            deadline.close()
             self.audit.log(event="fork-failed", error=exc.strerror)
             return False
         if pid == 0:  # a spare worker
@@ -519,7 +545,7 @@ class Broker:
                 ours.close()
                 wake = self._become_worker()
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-                self._serve_as_spare(theirs, wake)
+                self._serve_as_spare(theirs, wake, deadline)
             except BaseException:
                 status = 70
                 try:
@@ -531,10 +557,10 @@ class Broker:
                 os._exit(status)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         theirs.close()
-        self.spares.append((pid, ours))
+        self.spares.append(_Spare(pid, ours, deadline))
         return True
 
-    def _serve_as_spare(self, control: socket.socket, wake: int) -> None:
+    def _serve_as_spare(self, control: socket.socket, wake: int, deadline: Deadline) -> None:
         """Wait for a connection from the broker, then serve its transaction."""
         ready, _, _ = select.select([control.fileno(), wake], [], [])
         if wake in ready:
@@ -549,8 +575,17 @@ class Broker:
         raw_user = protocol.unb64(assignment["user"], "user")
         assert raw_service is not None
         rule = self.policy.rules[assignment["rule"]]
+        become_setuid_program(assignment["uid"], assignment["gid"])
         worker.run(
-            conn, control, rule, self.policy.limits, raw_service, raw_user, self.confdir, wake
+            conn,
+            control,
+            rule,
+            self.policy.limits,
+            raw_service,
+            raw_user,
+            self.confdir,
+            wake,
+            deadline,
         )
 
     def _become_worker(self) -> int:
@@ -562,11 +597,14 @@ class Broker:
             other.close()
         for record in self.workers.values():
             record.control.close()
-        for _, control in self.spares:
-            control.close()
+            record.deadline.close()
+        for spare in self.spares:
+            spare.control.close()
+            spare.deadline.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        harden_worker()  # a reload (SIGHUP) is the broker's business, not a worker's
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -601,19 +639,32 @@ class Broker:
         user = frame.get("user")
         user = user if isinstance(user, str) else None
         if op == "may_authenticate":
-            refusal, delay = self.failures.check(record.peer.uid, user, now)
+            rhost = frame.get("rhost")
+            refusal, delay, record.reservation = self.failures.reserve(
+                record.reservation,
+                record.peer.uid,
+                user,
+                rhost if isinstance(rhost, str) else None,
+                now,
+            )
             reply = {"refuse": refusal} if refusal else {"delay": delay}
             _send_quietly(record.control, reply)
         elif op == "result":
             code = frame.get("code")
-            self.failures.record(record.peer.uid, user, code if isinstance(code, int) else -1, now)
+            reservation, record.reservation = record.reservation, None
+            if reservation is None:  # fail closed: a result never asked for still counts
+                reservation = Reservation(record.peer.uid)
+            if code is None:  # refused before any guess: the places go back uncounted
+                self.failures.release(reservation)
+            else:
+                self.failures.settle(reservation, code if isinstance(code, int) else -1, now, user)
         elif op == "summary":
             record.summary = frame
         elif op == "detach":
             _send_quietly(record.control, self._detach(record))
 
-    def _reap(self) -> None:
-        while self.workers or self.spares:
+    def _reap(self, _: Any = None) -> None:
+        while self.workers or self.spares or self.retiring:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -627,23 +678,40 @@ class Broker:
                 self._forget_spare(pid)
 
     def _forget_spare(self, pid: int) -> None:
+        self.retiring.discard(pid)
         for spare in self.spares:
-            if spare[0] == pid:
+            if spare.pid == pid:
                 self.spares.remove(spare)
-                spare[1].close()
+                spare.control.close()
+                spare.deadline.close()
                 return
 
     def _finish(self, record: _Worker, status: int) -> None:
-        if not record.eof:
-            self._read_control(record)
+        # The accounting first: whatever fails after it, the slot is free.
+        self.in_flight[record.rule] -= 1
+        if self.in_flight[record.rule] <= 0:
+            del self.in_flight[record.rule]
+        share = (record.rule, record.peer.uid)
+        self.in_flight_by_uid[share] -= 1
+        if self.in_flight_by_uid[share] <= 0:
+            del self.in_flight_by_uid[share]
+        try:
             if not record.eof:
-                self.selector.unregister(record.control)
-        record.control.close()
-        self.in_flight[record.rule.index] -= 1
-        if record.detached is not None:  # died while detached: its token dies with it
-            self._retire(record.detached, "expired")
+                self._read_control(record)
+                if not record.eof:
+                    self.selector.unregister(record.control)
+        finally:
+            record.control.close()
+            record.deadline.close()
+            if record.reservation is not None:
+                # Died before it reported the outcome: a failure (the peer can
+                # kill its own worker, and must not take back a guess that way).
+                reservation, record.reservation = record.reservation, None
+                self.failures.settle(reservation, -1, time.monotonic(), None)
+            if record.detached is not None:  # died while detached: its token dies with it
+                self._retire(record.detached, "expired")
         if os.WIFSIGNALED(status):
-            ended = f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+            ended = f"signal {_signal_name(os.WTERMSIG(status))}"
         else:
             ended = f"exit {os.WEXITSTATUS(status)}"
         summary = record.summary
@@ -670,49 +738,40 @@ class Broker:
             rhost=summary.get("rhost"),
             phases=[str(p) for p in phases],
             outcome=outcome,
-            end=summary.get("end", "worker died"),
+            end="overdue: killed at its deadline"
+            if record.overdue
+            else summary.get("end", "worker died"),
             worker=f"{record.pid}:{ended}",
+            **({"reason": summary["reason"]} if summary.get("reason") else {}),
         )
 
     # -- detach and resume (docs/guide/protocol.md, "Detach and resume") -------------
 
     def _detach(self, record: _Worker) -> dict[str, Any]:
-        """A worker's client detaches: issue the token its resume must present.
-
-        The token is ``ID.SECRET``: the id (64 random bits) finds the entry,
-        the secret (256 random bits) is compared in constant time. It is
-        good for one resume, by a process of the same uid, before the
-        detach timeout.
-        """
+        """A worker's client detaches: issue the token its resume must present
+        (:mod:`pamphlet.broker.tokens`): good once, for a process of the same
+        uid, before the detach timeout."""
         timeout = self.policy.limits.detach_timeout
         if timeout <= 0 or record.detached is not None or self.stopping:
             return {"refuse": "detaching is not allowed now"}
-        token_id = secrets.token_hex(8)
-        secret = secrets.token_urlsafe(32)
-        self.detached[token_id] = _Detached(
-            record, secret.encode("ascii"), time.monotonic() + timeout
-        )
+        token_id, token = self.tokens.issue(record, time.monotonic() + timeout)
         record.detached = token_id
         self._audit_resume(record, record.peer, "detached", token_id)
-        return {"token": f"{token_id}.{secret}"}
+        return {"token": token}
 
     def _retire(self, token_id: str, reason: str) -> None:
-        entry = self.detached.pop(token_id, None)
-        if entry is None:
-            return
-        entry.record.detached = None
-        self.retired[token_id] = (entry.secret, reason)
-        while len(self.retired) > RETIRED_TOKENS:
-            self.retired.popitem(last=False)
+        record = self.tokens.retire(token_id, reason)
+        if record is not None:
+            record.detached = None
 
     def _expire(self, token_id: str) -> None:
         """No resume in time: the worker ends the transaction."""
-        entry = self.detached.get(token_id)
-        if entry is None:
+        record = self.tokens.retire(token_id, "expired")
+        if record is None:
             return
-        self._retire(token_id, "expired")
-        _send_quietly(entry.record.control, {"op": "expire"})
-        self._audit_resume(entry.record, entry.record.peer, "detach-expired", token_id)
+        record.detached = None
+        _send_quietly(record.control, {"op": "expire"})
+        self._audit_resume(record, record.peer, "detach-expired", token_id)
 
     def _audit_resume(
         self, record: _Worker, peer: Peer, outcome: str, token_id: str | None, reason: str = ""
@@ -769,25 +828,14 @@ class Broker:
             raise ProtocolViolation("the token is not a string of at most 128 ASCII characters")
         self._forget_pending(pending)
         conn, peer = pending.conn, pending.peer
-        token_id, _, secret_text = token.partition(".")
-        secret = secret_text.encode("ascii")
-        entry = self.detached.get(token_id)
-        if entry is None or not hmac.compare_digest(entry.secret, secret):
-            retired = self.retired.get(token_id)
-            if retired is not None and hmac.compare_digest(retired[0], secret):
-                if retired[1] == "used":
-                    kind, text = "token-used", "this token was used already: a token is good once"
-                else:
-                    kind, text = "token-expired", "this token expired: its transaction has ended"
-                self._refuse_resume(conn, peer, None, kind, token_id, text)
-                return
-            # Unknown id or wrong secret: the same answer, so ids cannot be probed.
-            self._refuse_resume(
-                conn, peer, None, "token-invalid", None, "no detached transaction has this token"
-            )
+        found = self.tokens.look_up(token, time.monotonic())
+        token_id, record = found.token_id, found.holder
+        if record is None:
+            kind = found.refusal or "token-invalid"
+            self._refuse_resume(conn, peer, None, kind, token_id, _TOKEN_REFUSALS[kind])
             return
-        record = entry.record
-        if entry.deadline <= time.monotonic():
+        assert token_id is not None
+        if found.refusal is not None:  # live, but past its deadline
             self._expire(token_id)
             self._refuse_resume(
                 conn,
@@ -829,40 +877,67 @@ class Broker:
     def _stop(self) -> None:
         """End every transaction: refuse the waiting, SIGTERM the workers, reap."""
         self.selector.unregister(self.listener)
-        self.listener.close()
         if self.socket_path is not None:
             try:
                 os.unlink(self.socket_path)
             except OSError:
                 pass
             self.socket_path = None
+            # No new connection can reach the listener now; the ones already in
+            # its backlog get the same answer as those waiting to start. (Under
+            # socket activation the backlog is systemd's, kept for the next start.)
+            self._answer_backlog()
+        self.listener.close()
         for pending in list(self.pending.values()):
             self._drop_pending(pending, "shutdown", "the broker is shutting down")
-        for pid, _ in self.spares:
-            _kill(pid, signal.SIGTERM)
+        for spare in self.spares:
+            _kill(spare.pid, signal.SIGTERM)
         for pid in self.workers:
             _kill(pid, signal.SIGTERM)
+            _kill(pid, signal.SIGCONT)  # one its peer stopped gets to end cleanly too
         deadline = time.monotonic() + STOP_GRACE
-        while (self.workers or self.spares) and time.monotonic() < deadline:
+        while (self.workers or self.spares or self.retiring) and time.monotonic() < deadline:
             for key, _ in self.selector.select(0.05):
                 if isinstance(key.data, _Worker):
-                    self._read_control(key.data)
+                    self._contained(self._read_control, key.data)
                 elif key.data == "wake":
                     _drain(self._wake_r)
-            self._reap()
-        for pid in [*self.workers, *(spare[0] for spare in self.spares)]:
+            self._contained(self._reap, None)
+        for pid in [*self.workers, *(spare.pid for spare in self.spares), *self.retiring]:
             _kill(pid, signal.SIGKILL)
-        while self.workers or self.spares:
-            pid, status = os.waitpid(-1, 0)
+        while self.workers or self.spares or self.retiring:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
             record = self.workers.pop(pid, None)
             if record is not None:
                 self._finish(record, status)
             else:
                 self._forget_spare(pid)
+        self.unknown_peers.flush(time.monotonic())
         self.audit.log(event="stopped", served=self.served)
+
+    def _answer_backlog(self) -> None:
+        answered = 0
+        while answered < 65536:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                break
+            _send_quietly(conn, {"op": "error", "message": "the broker is shutting down"})
+            conn.close()
+            answered += 1
+        if answered:
+            self.audit.log(event="backlog-answered", outcome="shutdown", connections=answered)
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_TOKEN_REFUSALS = {
+    "token-used": "this token was used already: a token is good once",
+    "token-expired": "this token expired: its transaction has ended",
+    "token-invalid": "no detached transaction has this token",
+}
 
 
 def _succeeded(phases: list[str]) -> bool:
@@ -889,6 +964,25 @@ def _ignore_signal(signum: int, frame: Any) -> None:
     """A worker's SIGTERM: the wake-up descriptor carries it to the worker's waits."""
 
 
+def _signal_name(signum: int) -> str:
+    """SIGSEGV, SIGRTMIN+6, or the number: any signal can end a worker."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        pass
+    if signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+    return str(signum)
+
+
+def _innermost(exc: BaseException) -> str:
+    """file:line where ``exc`` was raised, for the audit line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "-"
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}"
+
+
 def _kill(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -909,71 +1003,6 @@ def _send_quietly(conn: socket.socket, message: dict[str, Any]) -> None:
         conn.send(protocol.encode_frame(message))
     except OSError:
         pass
-
-
-# -- the listening socket -----------------------------------------------------------
-
-
-def systemd_listener() -> socket.socket | None:
-    """The socket systemd passed (socket activation), if it passed exactly one."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    if os.environ.get("LISTEN_FDS") != "1":
-        raise SystemExit("pamphlet broker: systemd must pass exactly one socket (LISTEN_FDS=1)")
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
-    listener = socket.socket(fileno=3)
-    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-        raise SystemExit("pamphlet broker: the socket systemd passed is not a Unix stream socket")
-    os.set_inheritable(3, False)
-    return listener
-
-
-def bind(path: str, mode: int, group: str | None) -> socket.socket:
-    """Listen on ``path`` with ``mode`` and ``group``; a stale socket is replaced,
-    a live broker's is not."""
-    gid = -1
-    if group is not None:
-        try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise SystemExit(f"pamphlet broker: no group named {group!r}") from None
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        existing = None
-    if existing is not None:
-        if not stat.S_ISSOCK(existing.st_mode):
-            raise SystemExit(f"pamphlet broker: {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise SystemExit(f"pamphlet broker: another broker listens on {path}")
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bound under a temporary name and renamed into place once it listens
-    # with its final owner and mode: a client never finds a socket that
-    # refuses it or lets the wrong peers in.
-    building = f"{path}.{os.getpid()}.new"
-    old_umask = os.umask(0o177)
-    try:
-        listener.bind(building)
-    finally:
-        os.umask(old_umask)
-    try:
-        os.chown(building, -1, gid)
-        os.chmod(building, mode)
-        listener.listen(socket.SOMAXCONN)
-        os.rename(building, path)
-    except BaseException:
-        os.unlink(building)
-        listener.close()
-        raise
-    return listener
 
 
 # -- the command ---------------------------------------------------------------------
@@ -1077,6 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         audit=Audit(arguments.audit),
         socket_path=path,
         spares=max(0, arguments.spares),
+        policy_path=arguments.policy,
     )
     for warning in stack_warnings:  # modules that trust the caller, not the user's answer
         print(f"pamphlet broker: warning: {warning}", file=sys.stderr)

@@ -1,10 +1,12 @@
 """The per-login worker: one PAM transaction in a process of its own.
 
 The broker forks one worker per accepted connection, after the start frame
-passed the policy. The worker starts libpam in its own process (as root),
-then serves the client's requests one at a time: each maps to one call of the
-in-process transport. While a phase runs, every conversation call is relayed
-to the client, which has ``conversation_timeout`` seconds to answer; a silent,
+passed the policy. The worker starts libpam in its own process, with the
+credentials of a setuid-root program run by the peer
+(:mod:`pamphlet.broker.credentials`), then serves the client's requests one
+at a time: each maps to one call of the in-process transport. While a phase
+runs, every conversation call is relayed to the client, which has
+``conversation_timeout`` seconds to answer; a silent,
 disconnected or misbehaving client makes the conversation fail
 (PAM_CONV_ERR), and the transaction is then ended as ``end()`` ends it:
 an open session is closed, established credentials are deleted, pam_end runs.
@@ -28,6 +30,7 @@ from ..message import Message
 from . import protocol
 from .policy import SETTABLE_ITEMS, Limits, Rule
 from .protocol import MAX_REPLY_FRAME, MAX_REQUEST_FRAME, ProtocolViolation, b64, unb64
+from .watchdog import Deadline
 
 __all__ = ["run"]
 
@@ -157,12 +160,14 @@ class _Worker:
         rule: Rule,
         limits: Limits,
         wake: int,
+        deadline: Deadline,
     ) -> None:
         self.conn = conn
         self.control = control
         self.rule = rule
         self.limits = limits
         self.wake = wake
+        self.deadline = deadline
         self.transport: Any = None
         self.relay = _Relay(self)
         self.broken: BaseException | None = None
@@ -175,6 +180,7 @@ class _Worker:
         self.client_fail_delay = False
         self.phases: list[str] = []
         self.refusals: list[str] = []
+        self.refusal_reason: str | None = None  # the last refusal's text, for the audit
         self.end_reason = "client"
         self.items: dict[str, str | None] = {}
         self.detaches = 0
@@ -189,13 +195,19 @@ class _Worker:
         self.conn.sendall(frame)
 
     def receive(self, wait: float | None) -> dict[str, Any]:
-        return protocol.recv_frame(
+        limits = self.limits
+        self.deadline.expect(None if wait is None else wait + limits.frame_timeout)
+        request = protocol.recv_frame(
             self.conn,
             max_size=MAX_REQUEST_FRAME,
             wait=wait,
-            frame_timeout=self.limits.frame_timeout,
+            frame_timeout=limits.frame_timeout,
             wake=self.wake,
         )
+        # What follows a request or an answer is module work, which gets as
+        # long as a conversation would (the broker kills a worker past it).
+        self.deadline.expect(limits.conversation_timeout)
+        return request
 
     def tell_broker(self, message: dict[str, Any]) -> None:
         protocol.send_frame(self.control, message)
@@ -207,13 +219,20 @@ class _Worker:
         )
 
     def ask_throttle(self, user: bytes | None) -> None:
-        """Ask the broker whether this peer may try ``user`` now; wait if told."""
-        answer = self.ask_broker({"op": "may_authenticate", "user": _text(user)})
+        """Ask the broker whether this peer may try ``user`` now; wait if told.
+
+        A yes holds a place in the throttle until this authenticate's result.
+        """
+        _, rhost = self.transport.get_item(int(Item.RHOST))
+        answer = self.ask_broker(
+            {"op": "may_authenticate", "user": _text(user), "rhost": _text(rhost)}
+        )
         refused = answer.get("refuse")
         if refused:
             raise _Refused("throttled", str(refused))
         delay = answer.get("delay")
         if isinstance(delay, (int, float)) and delay > 0:
+            self.deadline.expect(delay + self.limits.conversation_timeout)
             ready, _, _ = select.select([self.wake], [], [], float(delay))
             if ready:
                 self.shutdown = True
@@ -240,6 +259,7 @@ class _Worker:
                 reply = handler(self, request)
             except _Refused as refusal:
                 self.refusals.append(refusal.kind)
+                self.refusal_reason = refusal.message
                 reply = {"op": "refused", "kind": refusal.kind, "message": refusal.message}
             if self.broken is not None:
                 raise self.broken
@@ -277,7 +297,14 @@ class _Worker:
             self.session_open = False
         elif action == _DELETE_CRED:
             self.credentials = False
-        code = self._call(phase, flags)
+        try:
+            code = self._call(phase, flags)
+        except _Refused:
+            if phase is Phase.AUTHENTICATE:
+                # Refused when the stack named its user, before any prompt
+                # reached the client: no guess was made; the places go back.
+                self.tell_broker({"op": "result", "user": None, "code": None})
+            raise
         self.phases.append(f"{name}:{code}")
         if code == _SUCCESS:
             if phase is Phase.OPEN_SESSION:
@@ -312,6 +339,7 @@ class _Worker:
         # libpam's failure delay is served here, whatever the client asked.
         delay = max((usec for status, usec in relay.delays if status != _SUCCESS), default=0)
         if delay and not self.shutdown and self.broken is None:
+            self.deadline.expect(delay / 1e6 + self.limits.conversation_timeout)
             ready, _, _ = select.select([self.wake], [], [], delay / 1e6)
             if ready:
                 self.shutdown = True
@@ -438,6 +466,7 @@ class _Worker:
         # The broker expires the token after ``timeout``; this is only for a
         # broker that is gone without closing the control socket.
         deadline = time.monotonic() + timeout + _DETACH_GRACE
+        self.deadline.expect(timeout + _DETACH_GRACE + self.limits.frame_timeout)
         frames = protocol.FrameBuffer(MAX_REPLY_FRAME)
         while True:
             left = deadline - time.monotonic()
@@ -534,10 +563,12 @@ def run(
     user: bytes | None,
     confdir: bytes | None,
     wake: int,
+    deadline: Deadline,
 ) -> None:
     """Serve one transaction on ``conn``; report to the broker on ``control``."""
     conn.setblocking(True)
-    worker = _Worker(conn, control, rule, limits, wake)
+    deadline.expect(limits.conversation_timeout)  # pam_start runs the modules' setup
+    worker = _Worker(conn, control, rule, limits, wake, deadline)
     started = time.monotonic()
     summary: dict[str, Any] = {"op": "summary"}
     try:
@@ -568,6 +599,7 @@ def run(
             if worker.shutdown:
                 worker.end_reason = "shutdown"
                 _say_goodbye(worker, "the broker is shutting down")
+            deadline.expect(limits.conversation_timeout)
             worker.note_items()
             worker.implied_end()
     finally:
@@ -575,6 +607,8 @@ def run(
         summary.update(worker.items)
         summary["phases"] = worker.phases
         summary["refusals"] = worker.refusals
+        if worker.refusal_reason is not None:
+            summary["reason"] = worker.refusal_reason
         if worker.detaches:
             summary["detaches"] = worker.detaches
             summary["resumes"] = worker.resumes
