@@ -10,14 +10,26 @@ closed and credentials deleted, whichever way the transaction ended.
 
 from __future__ import annotations
 
+import os
 import pathlib
+import signal
 import subprocess
+import time
 from typing import Any
 
 import pytest
 
-from broker_harness import Broker, b64, frame, public_dir, raw_connect, read_frame, start_frame
-from conftest import ScriptedApp
+from broker_harness import (
+    Broker,
+    b64,
+    frame,
+    frames_until_closed,
+    public_dir,
+    raw_connect,
+    read_frame,
+    start_frame,
+)
+from conftest import LibpamGate, ScriptedApp
 from hostile_module import Call, read_record, script_text
 
 pytestmark = pytest.mark.root  # the broker runs PAM as root
@@ -26,7 +38,15 @@ ESTABLISH = 2  # PAM_ESTABLISH_CRED
 DELETE = 4  # PAM_DELETE_CRED
 CONV_ERR = 19
 
-SERVICES = ("disconnect", "closed", "client_end", "raw_end", "failed_conv", "shutdown")
+SERVICES = (
+    "disconnect",
+    "closed",
+    "client_end",
+    "raw_end",
+    "failed_conv",
+    "shutdown",
+    "gated",
+)
 
 POLICY = f"""\
 [[allow]]
@@ -66,6 +86,10 @@ class Service:
             chatty = confdir / "chatty.script"
             chatty.write_text(script_text([Call([(4, b"welcome")], expect=[None])]))
             lines.append(f"session optional {scripted} script={chatty}")
+        if name == "gated":
+            # open_session waits inside libpam until the test opens the gate.
+            self.gate = LibpamGate(confdir)
+            lines.append(self.gate.line("session"))
         lines += ["session required pam_permit.so", f"session optional pam_exec.so {script}"]
         (confdir / name).write_text("\n".join(lines) + "\n")
 
@@ -222,3 +246,39 @@ def test_a_worker_told_to_end_closes_the_session_and_deletes_the_credentials_onc
         assert service.end_status() == [0]
     finally:
         own.cleanup()
+
+
+def _parent_of(script: pathlib.Path) -> int:
+    """The pid of the process that runs ``script`` as its child (pam_exec's caller)."""
+    for name in os.listdir("/proc"):
+        try:
+            cmdline = pathlib.Path(f"/proc/{name}/cmdline").read_bytes()
+            status = pathlib.Path(f"/proc/{name}/status").read_text()
+        except OSError:
+            continue
+        if str(script).encode() in cmdline:
+            return int(
+                next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1]
+            )
+    raise AssertionError(f"no process runs {script}")
+
+
+def test_sigterm_while_libpam_runs_a_phase_ends_the_worker_and_closes_once(site):
+    # The transaction holds Python signal handlers while libpam runs; the
+    # worker's SIGTERM reaches it through the wakeup descriptor all the same:
+    # the phase finishes, its result is sent, then the worker ends as the
+    # broker's shutdown ends it (the peer may signal its own worker).
+    service = site.services["gated"]
+    client = RawClient(site, service.name, "gus")
+    assert client.call("authenticate") == 0
+    client.sock.sendall(frame({"op": "call", "phase": "open_session", "flags": 0}))
+    service.gate.wait_entered()
+    os.kill(_parent_of(service.gate.script), signal.SIGTERM)
+    time.sleep(0.2)  # let it arrive while the module still runs
+    service.gate.open()
+    frames = frames_until_closed(client.sock)
+    assert [f["op"] for f in frames] == ["result", "error"], frames
+    assert frames[0]["code"] == 0
+    line = ended_line(site, "gus", "shutdown")
+    assert line.count("close_session:0") == 1, line
+    assert service.marker_lines() == ["open_session gus", "close_session gus"]

@@ -169,7 +169,8 @@ class _Worker:
         self.limits = limits
         self.wake = wake
         self.deadline = deadline
-        self.transaction: Transaction | None = None
+        # Set once libpam started; every request is served on it.
+        self.transaction: Transaction
         # Held here: the transaction holds its application weakly.
         self.relay = _Relay(self)
         self.broken: BaseException | None = None
@@ -239,20 +240,14 @@ class _Worker:
 
     # -- requests -----------------------------------------------------------------
 
-    @property
-    def open_transaction(self) -> Transaction:
-        transaction = self.transaction
-        assert transaction is not None, "requests are served only once libpam started"
-        return transaction
-
     def item(self, item: Item) -> bytes | None:
         """A string item as libpam holds it; None when unset or unreadable."""
-        _, value = _attempt(self.open_transaction.get_item, item)
+        _, value = _attempt(self.transaction.get_item, item)
         return _raw(value)
 
     def serve(self) -> None:
         while True:
-            wait = None if self.open_transaction.session_open else self.limits.idle_timeout
+            wait = None if self.transaction.session_open else self.limits.idle_timeout
             try:
                 request = self.receive(wait)
             except protocol.Interrupted:
@@ -324,7 +319,7 @@ class _Worker:
 
     def _call(self, phase: Phase, flags: int) -> int:
         """Run the phase; libpam's own code, but never success past a failed conversation."""
-        transaction = self.open_transaction
+        transaction = self.transaction
         self.phase = phase.value
         self.relay.delays = []
         code = _SUCCESS
@@ -353,7 +348,7 @@ class _Worker:
         prompt = unb64(request["prompt"], "the prompt")
         self.phase = "get_user"
         try:
-            code, user = _attempt(self.open_transaction.get_user, _text(prompt))
+            code, user = _attempt(self.transaction.get_user, _text(prompt))
         finally:
             self.phase = None
         return {"op": "result", "code": code, "value": b64(_raw(user))}
@@ -363,7 +358,7 @@ class _Worker:
         item = _int(request["item"], "item", 0, 1 << 16)
         if item not in _READABLE_ITEMS:
             raise _Refused("item", f"item {_item_name(item)} cannot be read through the broker")
-        code, value = _attempt(self.open_transaction.get_item, item)
+        code, value = _attempt(self.transaction.get_item, item)
         return {"op": "result", "code": code, "value": b64(_raw(value))}
 
     def do_set_item(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -382,12 +377,12 @@ class _Worker:
             and value != self.authenticated
         ):
             raise _Refused("item", "the user cannot change after a successful authenticate")
-        code, _ = _attempt(self.open_transaction.set_item, item, _text(value))
+        code, _ = _attempt(self.transaction.set_item, item, _text(value))
         return {"op": "result", "code": code}
 
     def do_get_xauthdata(self, request: dict[str, Any]) -> dict[str, Any]:
         _fields(request, set())
-        code, value = _attempt(self.open_transaction.get_xauthdata)
+        code, value = _attempt(self.transaction.get_xauthdata)
         shown = None if value is None else [b64(_raw(value[0])), b64(value[1])]
         return {"op": "result", "code": code, "value": shown}
 
@@ -407,7 +402,7 @@ class _Worker:
         name = unb64(request["name"], "the variable's name")
         if name is None:
             raise ProtocolViolation("the variable's name is null")
-        return {"op": "result", "value": b64(_raw(self.open_transaction.getenv(name)))}
+        return {"op": "result", "value": b64(_raw(self.transaction.getenv(name)))}
 
     def do_putenv(self, request: dict[str, Any]) -> dict[str, Any]:
         _fields(request, {"entry"})
@@ -420,12 +415,12 @@ class _Worker:
                 "environ",
                 f"the broker's policy does not let this peer set {name!r} in the PAM environment",
             )
-        code, _ = _attempt(self.open_transaction.putenv, entry)
+        code, _ = _attempt(self.transaction.putenv, entry)
         return {"op": "result", "code": code}
 
     def do_getenvlist(self, request: dict[str, Any]) -> dict[str, Any]:
         _fields(request, set())
-        _, pairs = _attempt(self.open_transaction.environment)
+        _, pairs = _attempt(self.transaction.environment)
         value = None if pairs is None else [b64(_raw(f"{n}={v}")) for n, v in pairs]
         return {"op": "result", "value": value}
 
@@ -434,13 +429,13 @@ class _Worker:
         _fields(request, {"status"})
         status = _int(request["status"], "status", 0, 255)
         self.note_items()
-        code, _ = _attempt(self.open_transaction.end, close=False, status=status)
+        code, _ = _attempt(self.transaction.end, close=False, status=status)
         return {"op": "result", "code": code}
 
     def note_items(self) -> None:
         """Remember the items the audit line names, while the handle lives."""
         transaction = self.transaction
-        if transaction is not None and transaction.open:
+        if transaction.open:
             for item, name in ((Item.USER, "user"), (Item.RHOST, "rhost")):
                 code, value = _attempt(transaction.get_item, item)
                 if code == _SUCCESS:
@@ -506,16 +501,11 @@ class _Worker:
         """end() for a client that did not: close, delete, pam_end, with no one
         to converse with (modules that speak get PAM_CONV_ERR)."""
         transaction = self.transaction
-        if transaction is None or transaction.ended:
-            return
-        closing = [
-            phase
-            for phase, is_open in (
-                (Phase.CLOSE_SESSION, transaction.session_open),
-                (Phase.SETCRED, transaction.credentials_established),
-            )
-            if is_open
-        ]
+        if transaction.ended:
+            return  # the client's own end frame ended it
+        closing = [Phase.CLOSE_SESSION] if transaction.session_open else []
+        if transaction.credentials_established:
+            closing.append(Phase.SETCRED)
         try:
             transaction.end(converse=False)
         except PamError:
