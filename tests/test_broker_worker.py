@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import pamphlet
 from broker_harness import (
     Broker,
     b64,
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.root  # the broker runs PAM as root
 ESTABLISH = 2  # PAM_ESTABLISH_CRED
 DELETE = 4  # PAM_DELETE_CRED
 CONV_ERR = 19
+ABORT = 26
 
 SERVICES = (
     "disconnect",
@@ -51,7 +53,7 @@ SERVICES = (
 POLICY = f"""\
 [[allow]]
 users = ["root"]
-services = {list(SERVICES)!r}
+services = {[*SERVICES, "missing"]!r}
 phases = ["authenticate", "acct_mgmt", "setcred", "open_session", "close_session"]
 
 [limits]
@@ -282,3 +284,16 @@ def test_sigterm_while_libpam_runs_a_phase_ends_the_worker_and_closes_once(site)
     line = ended_line(site, "gus", "shutdown")
     assert line.count("close_session:0") == 1, line
     assert service.marker_lines() == ["open_session gus", "close_session gus"]
+
+
+def test_a_failed_pam_start_reports_libpams_code(site):
+    # "missing" is allowed, but neither it nor "other" is in the confdir:
+    # pam_start_confdir returns PAM_ABORT, which reaches the client as it is.
+    sock = raw_connect(site.broker.socket)
+    sock.sendall(start_frame("missing", "hal"))
+    assert frames_until_closed(sock) == [{"op": "start_failed", "code": ABORT}]
+    assert site.broker.audit_lines("user=hal", f'outcome="start failed:{ABORT}"')
+    with pytest.raises(pamphlet.PamError) as raised:
+        ScriptedApp("missing", "ida", broker=site.broker.socket)
+    assert raised.value.code == ABORT
+    assert site.broker.audit_lines("user=ida", f'outcome="start failed:{ABORT}"')
