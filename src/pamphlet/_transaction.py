@@ -533,6 +533,24 @@ class Transaction:
     # -- the end ----------------------------------------------------------------------
 
     @property
+    def last_status(self) -> int:
+        """libpam's own return code of the last phase (what pam_end gets by default).
+
+        Unlike ``results``, not overridden when the phase's conversation failed.
+        """
+        return self._last_status
+
+    @property
+    def session_open(self) -> bool:
+        """open_session succeeded and no close_session has run since."""
+        return self._session_open
+
+    @property
+    def credentials_established(self) -> bool:
+        """setcred established credentials and no delete has run since."""
+        return self._credentials_established
+
+    @property
     def has_open_state(self) -> bool:
         """A session or credentials that end() would close."""
         return self._session_open or self._credentials_established
@@ -549,12 +567,14 @@ class Transaction:
             )
         self._transport = None
 
-    def end(self, *, close: bool = True, converse: bool = True) -> None:
+    def end(self, *, close: bool = True, converse: bool = True, status: int | None = None) -> None:
         """Close what is open (unless ``close`` is False), then pam_end; once.
 
         Failures of the implied close and delete are not raised; a failure of
         pam_end is. With ``converse=False`` (a finalizer, a flavour whose
         peer is gone) modules that speak meanwhile get PAM_CONV_ERR.
+        pam_end gets ``status``, or else the last phase's return code (a
+        broker worker passes on the status its client's end() chose).
         """
         self.begin_end()
         if not converse:
@@ -580,6 +600,6 @@ class Transaction:
                         pass
             finally:
                 self._handle = None
-                code = transport.end(self._last_status)
+                code = transport.end(self._last_status if status is None else status)
             if code != _SUCCESS:
                 raise pam_error(code, f"pam_end failed: {transport.strerror(code)}")

@@ -4,12 +4,16 @@ The broker forks one worker per accepted connection, after the start frame
 passed the policy. The worker starts libpam in its own process, with the
 credentials of a setuid-root program run by the peer
 (:mod:`pamphlet.broker.credentials`), then serves the client's requests one
-at a time: each maps to one call of the in-process transport. While a phase
+at a time: each maps to one call of a :class:`~pamphlet._transaction.Transaction`
+over libpam in this process, the same one every in-process application
+drives, and libpam's return code goes back to the client. While a phase
 runs, every conversation call is relayed to the client, which has
 ``conversation_timeout`` seconds to answer; a silent,
 disconnected or misbehaving client makes the conversation fail
 (PAM_CONV_ERR), and the transaction is then ended as ``end()`` ends it:
 an open session is closed, established credentials are deleted, pam_end runs.
+What is open is the transaction's record, the one its ``end()`` closes; the
+worker keeps none of its own.
 
 A worker never trusts the client: phases, items and environment variables
 are checked against the peer's rule, authenticate asks the broker's throttle
@@ -19,13 +23,19 @@ asked.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
+import functools
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import conversation
-from ..constants import Flag, Item, Phase, ReturnCode
+from .._transaction import Transaction
+from ..constants import Item, Phase, ReturnCode
+from ..errors import PamError
 from ..message import Message
 from . import protocol
 from .policy import SETTABLE_ITEMS, Limits, Rule
@@ -35,11 +45,6 @@ from .watchdog import Deadline
 __all__ = ["run"]
 
 _SUCCESS = int(ReturnCode.SUCCESS)
-_CONV_ERR = int(ReturnCode.CONV_ERR)
-_DELETE_CRED = int(Flag.DELETE_CRED)
-_CRED_ACTIONS = int(
-    Flag.ESTABLISH_CRED | Flag.DELETE_CRED | Flag.REINITIALIZE_CRED | Flag.REFRESH_CRED
-)
 _ALL_FLAGS = 0xFFFF
 #: Seconds a detached worker waits past the broker's own expiry before it
 #: ends the transaction by itself (only when the broker is unresponsive).
@@ -77,27 +82,27 @@ class _DetachExpired(ConnectionError):
 
 
 class _Relay:
-    """The worker's Conversant: relays libpam's conversation to the client."""
+    """The application of the worker's transaction: the client answers for it.
 
-    encoding = "utf-8"
+    The transaction checks the answers it returns as it checks any
+    application's; what is checked here is the wire protocol, whose breach
+    ends the connection.
+    """
 
     def __init__(self, worker: _Worker) -> None:
         self.worker = worker
-        self.failure: BaseException | None = None
         self.delays: list[tuple[int, int]] = []
         self.user_checked = False
 
-    def converse(self, messages: list[Message]) -> list[bytes | None]:
+    def _answer(self, messages: list[Message]) -> list[bytes | None]:
         worker = self.worker
         if worker.broken is not None:
             raise ConnectionError("the client is gone")
-        if self.failure is not None:
-            raise RuntimeError("the conversation already failed in this phase")
         if worker.phase == "authenticate" and not self.user_checked:
             # The stack may have asked for the user name: throttle that user
             # before the password prompt reaches the client.
-            code, user = worker.transport.get_item(int(Item.USER))
-            if code == _SUCCESS and user is not None:
+            user = worker.item(Item.USER)
+            if user is not None:
                 self.user_checked = True
                 worker.ask_throttle(user)
         raw = [(int(m.style), str.encode(m, "utf-8", "surrogateescape")) for m in messages]
@@ -144,12 +149,8 @@ class _Relay:
                 checked.append(None)
         return checked
 
-    def fail(self, error: BaseException) -> None:
-        if self.failure is None:
-            self.failure = error
-
-    def fail_delay(self, status: int, delay_usec: int) -> None:
-        self.delays.append((status, delay_usec))
+    def _on_fail_delay(self, status: int, delay_usec: int) -> None:
+        self.delays.append((status, delay_usec))  # served by the worker after the phase
 
 
 class _Worker:
@@ -168,15 +169,14 @@ class _Worker:
         self.limits = limits
         self.wake = wake
         self.deadline = deadline
-        self.transport: Any = None
+        # Set once libpam started; every request is served on it.
+        self.transaction: Transaction
+        # Held here: the transaction holds its application weakly.
         self.relay = _Relay(self)
         self.broken: BaseException | None = None
         self.shutdown = False
         self.phase: str | None = None
         self.authenticated: bytes | None = None
-        self.session_open = False
-        self.credentials = False
-        self.last_status = _SUCCESS
         self.client_fail_delay = False
         self.phases: list[str] = []
         self.refusals: list[str] = []
@@ -223,7 +223,7 @@ class _Worker:
 
         A yes holds a place in the throttle until this authenticate's result.
         """
-        _, rhost = self.transport.get_item(int(Item.RHOST))
+        rhost = self.item(Item.RHOST)
         answer = self.ask_broker(
             {"op": "may_authenticate", "user": _text(user), "rhost": _text(rhost)}
         )
@@ -240,9 +240,14 @@ class _Worker:
 
     # -- requests -----------------------------------------------------------------
 
+    def item(self, item: Item) -> bytes | None:
+        """A string item as libpam holds it; None when unset or unreadable."""
+        _, value = _attempt(self.transaction.get_item, item)
+        return _raw(value)
+
     def serve(self) -> None:
         while True:
-            wait = None if self.session_open else self.limits.idle_timeout
+            wait = None if self.transaction.session_open else self.limits.idle_timeout
             try:
                 request = self.receive(wait)
             except protocol.Interrupted:
@@ -289,14 +294,9 @@ class _Worker:
                 f"{name} needs a successful authenticate first in the same transaction",
             )
         if phase is Phase.AUTHENTICATE:
-            code, user = self.transport.get_item(int(Item.USER))
+            user = self.item(Item.USER)
             self.relay.user_checked = user is not None
             self.ask_throttle(user)
-        action = flags & _CRED_ACTIONS if phase is Phase.SETCRED else 0
-        if phase is Phase.CLOSE_SESSION:
-            self.session_open = False
-        elif action == _DELETE_CRED:
-            self.credentials = False
         try:
             code = self._call(phase, flags)
         except _Refused:
@@ -306,13 +306,8 @@ class _Worker:
                 self.tell_broker({"op": "result", "user": None, "code": None})
             raise
         self.phases.append(f"{name}:{code}")
-        if code == _SUCCESS:
-            if phase is Phase.OPEN_SESSION:
-                self.session_open = True
-            elif action and action != _DELETE_CRED:
-                self.credentials = True
         if phase is Phase.AUTHENTICATE:
-            _, user = self.transport.get_item(int(Item.USER))
+            user = self.item(Item.USER)
             if code == _SUCCESS:
                 self.authenticated = user
             self.tell_broker({"op": "result", "user": _text(user), "code": code})
@@ -323,21 +318,24 @@ class _Worker:
         return reply
 
     def _call(self, phase: Phase, flags: int) -> int:
+        """Run the phase; libpam's own code, but never success past a failed conversation."""
+        transaction = self.transaction
         self.phase = phase.value
-        relay = self.relay
-        relay.failure = None
-        relay.delays = []
+        self.relay.delays = []
+        code = _SUCCESS
         try:
-            code: int = self.transport.call(phase, flags)
+            transaction.run(phase, flags)
+        except PamError as error:
+            if isinstance(error.__cause__, _Refused):
+                raise error.__cause__ from None  # the throttle refused mid-conversation
+            # error.code is libpam's, or PAM_CONV_ERR when the conversation
+            # failed; then libpam's own code is the more telling one, unless
+            # it says success.
+            code = transaction.last_status or error.code
         finally:
             self.phase = None
-        self.last_status = code
-        if relay.failure is not None and code == _SUCCESS:
-            code = _CONV_ERR  # never report success past a failed conversation
-        if isinstance(relay.failure, _Refused):
-            raise relay.failure
         # libpam's failure delay is served here, whatever the client asked.
-        delay = max((usec for status, usec in relay.delays if status != _SUCCESS), default=0)
+        delay = max((usec for status, usec in self.relay.delays if status != _SUCCESS), default=0)
         if delay and not self.shutdown and self.broken is None:
             self.deadline.expect(delay / 1e6 + self.limits.conversation_timeout)
             ready, _, _ = select.select([self.wake], [], [], delay / 1e6)
@@ -349,22 +347,19 @@ class _Worker:
         _fields(request, {"prompt"})
         prompt = unb64(request["prompt"], "the prompt")
         self.phase = "get_user"
-        self.relay.failure = None
         try:
-            code, user = self.transport.get_user(prompt)
+            code, user = _attempt(self.transaction.get_user, _text(prompt))
         finally:
             self.phase = None
-        if self.relay.failure is not None and code == _SUCCESS:
-            code, user = _CONV_ERR, None
-        return {"op": "result", "code": code, "value": b64(user)}
+        return {"op": "result", "code": code, "value": b64(_raw(user))}
 
     def do_get_item(self, request: dict[str, Any]) -> dict[str, Any]:
         _fields(request, {"item"})
         item = _int(request["item"], "item", 0, 1 << 16)
         if item not in _READABLE_ITEMS:
             raise _Refused("item", f"item {_item_name(item)} cannot be read through the broker")
-        code, value = self.transport.get_item(item)
-        return {"op": "result", "code": code, "value": b64(value)}
+        code, value = _attempt(self.transaction.get_item, item)
+        return {"op": "result", "code": code, "value": b64(_raw(value))}
 
     def do_set_item(self, request: dict[str, Any]) -> dict[str, Any]:
         _fields(request, {"item", "value"})
@@ -382,12 +377,13 @@ class _Worker:
             and value != self.authenticated
         ):
             raise _Refused("item", "the user cannot change after a successful authenticate")
-        return {"op": "result", "code": self.transport.set_item(item, value)}
+        code, _ = _attempt(self.transaction.set_item, item, _text(value))
+        return {"op": "result", "code": code}
 
     def do_get_xauthdata(self, request: dict[str, Any]) -> dict[str, Any]:
         _fields(request, set())
-        code, value = self.transport.get_xauthdata()
-        shown = None if value is None else [b64(value[0]), b64(value[1])]
+        code, value = _attempt(self.transaction.get_xauthdata)
+        shown = None if value is None else [b64(_raw(value[0])), b64(value[1])]
         return {"op": "result", "code": code, "value": shown}
 
     def do_set_xauthdata(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -406,7 +402,7 @@ class _Worker:
         name = unb64(request["name"], "the variable's name")
         if name is None:
             raise ProtocolViolation("the variable's name is null")
-        return {"op": "result", "value": b64(self.transport.getenv(name))}
+        return {"op": "result", "value": b64(_raw(self.transaction.getenv(name)))}
 
     def do_putenv(self, request: dict[str, Any]) -> dict[str, Any]:
         _fields(request, {"entry"})
@@ -419,28 +415,31 @@ class _Worker:
                 "environ",
                 f"the broker's policy does not let this peer set {name!r} in the PAM environment",
             )
-        return {"op": "result", "code": self.transport.putenv(entry)}
+        code, _ = _attempt(self.transaction.putenv, entry)
+        return {"op": "result", "code": code}
 
     def do_getenvlist(self, request: dict[str, Any]) -> dict[str, Any]:
         _fields(request, set())
-        entries = self.transport.getenvlist()
-        return {"op": "result", "value": None if entries is None else [b64(e) for e in entries]}
+        _, pairs = _attempt(self.transaction.environment)
+        value = None if pairs is None else [b64(_raw(f"{n}={v}")) for n, v in pairs]
+        return {"op": "result", "value": value}
 
     def do_end(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The client's own end(): it closed what it meant to close; its status."""
         _fields(request, {"status"})
         status = _int(request["status"], "status", 0, 255)
         self.note_items()
-        transport, self.transport = self.transport, None
-        self.session_open = self.credentials = False
-        return {"op": "result", "code": transport.end(status)}
+        code, _ = _attempt(self.transaction.end, close=False, status=status)
+        return {"op": "result", "code": code}
 
     def note_items(self) -> None:
         """Remember the items the audit line names, while the handle lives."""
-        if self.transport is not None:
+        transaction = self.transaction
+        if transaction.open:
             for item, name in ((Item.USER, "user"), (Item.RHOST, "rhost")):
-                code, value = self.transport.get_item(int(item))
+                code, value = _attempt(transaction.get_item, item)
                 if code == _SUCCESS:
-                    self.items[name] = _text(value)
+                    self.items[name] = value
 
     # -- detach and resume (docs/guide/protocol.md, "Detach and resume") -----------
 
@@ -499,22 +498,20 @@ class _Worker:
     # -- the end ------------------------------------------------------------------
 
     def implied_end(self) -> None:
-        """What end() does, for a client that did not: close, delete, pam_end."""
-        transport, self.transport = self.transport, None
-        if transport is None:
-            return
-        if self.broken is None:
-            self.broken = ConnectionError("the transaction is ending")  # no more relaying
+        """end() for a client that did not: close, delete, pam_end, with no one
+        to converse with (modules that speak get PAM_CONV_ERR)."""
+        transaction = self.transaction
+        if transaction.ended:
+            return  # the client's own end frame ended it
+        closing = [Phase.CLOSE_SESSION] if transaction.session_open else []
+        if transaction.credentials_established:
+            closing.append(Phase.SETCRED)
         try:
-            if self.session_open:
-                self.session_open = False
-                self.phases.append(f"close_session:{transport.call(Phase.CLOSE_SESSION, 0)}")
-            if self.credentials:
-                self.credentials = False
-                code = transport.call(Phase.SETCRED, _DELETE_CRED)
-                self.phases.append(f"setcred:{code}")
+            transaction.end(converse=False)
+        except PamError:
+            pass  # pam_end's own failure: the handle is gone all the same
         finally:
-            transport.end(self.last_status)
+            self.phases.extend(f"{p.value}:{transaction.results.get(p)}" for p in closing)
 
 
 _HANDLERS = {
@@ -550,8 +547,23 @@ def _item_name(item: int) -> str:
         return str(item)
 
 
+# The worker's transaction is UTF-8 with surrogateescape: any bytes from the
+# client or libpam cross it as str and come back the same bytes.
 def _text(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", "surrogateescape")
+
+
+def _raw(text: str | None) -> bytes | None:
+    return None if text is None else str.encode(text, "utf-8", "surrogateescape")
+
+
+def _attempt(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
+    """libpam's return code of a call of the transaction, and its value (None
+    on failure): what goes back to the client."""
+    try:
+        return _SUCCESS, call(*args, **kwargs)
+    except PamError as error:
+        return error.code, None
 
 
 def run(
@@ -572,17 +584,27 @@ def run(
     started = time.monotonic()
     summary: dict[str, Any] = {"op": "summary"}
     try:
-        code, transport = conversation.start_in_process(service, user, confdir, worker.relay)
-        if transport is None:
-            summary["outcome"] = f"start failed:{code}"
+        try:
+            transaction = Transaction(
+                service.decode("utf-8", "surrogateescape"),
+                _text(user),
+                encoding="utf-8",
+                application=worker.relay,
+                guard=_thread.RLock(),
+                start=functools.partial(conversation.open_in_process, confdir),
+            )
+        except PamError as error:
+            summary["outcome"] = f"start failed:{error.code}"
             try:
-                worker.send({"op": "start_failed", "code": code})
+                worker.send({"op": "start_failed", "code": error.code})
             except OSError:
                 pass
             return
-        worker.transport = transport
-        # libpam calls the relay instead of sleeping; the worker sleeps.
-        transport.set_fail_delay(True)
+        worker.transaction = transaction
+        # libpam calls the relay instead of sleeping; the worker sleeps. (Should
+        # libpam refuse, it sleeps itself: the delay is served either way.)
+        with contextlib.suppress(PamError):
+            transaction.set_fail_delay(True)
         try:
             worker.send({"op": "started"})
             worker.serve()
