@@ -46,6 +46,7 @@ SERVICES = (
     "client_end",
     "raw_end",
     "failed_conv",
+    "failed_conv_end",
     "shutdown",
     "gated",
 )
@@ -81,7 +82,7 @@ class Service:
             f"auth required {scripted} script={quiet} record={self.record}",
             "account required pam_permit.so",
         ]
-        if name == "failed_conv":
+        if name in ("failed_conv", "failed_conv_end"):
             # A session module that speaks while opening, and whose failure
             # does not decide the stack: libpam opens the session even when
             # the conversation fails.
@@ -227,6 +228,20 @@ def test_a_session_opened_while_the_conversation_failed_is_closed(site):
     # The module speaks at the close too, to a client that is gone: PAM_CONV_ERR.
     assert f"open_session:{CONV_ERR}" in line and line.count("close_session:") == 1, line
     assert service.marker_lines() == ["open_session eve", "close_session eve"]
+
+
+def test_a_session_opened_while_the_conversation_failed_is_closed_at_the_clients_end(site):
+    # The same, but the client ends the transaction itself: it was told
+    # PAM_CONV_ERR, so its own end() closes nothing; the worker does.
+    service = site.services["failed_conv_end"]
+    client = RawClient(site, service.name, "ivy")
+    assert client.call("authenticate") == 0
+    assert client.call("open_session", conv_error=True) == CONV_ERR
+    assert client.request({"op": "end", "status": CONV_ERR}) == {"op": "result", "code": 0}
+    line = ended_line(site, "ivy", "client")
+    assert line.count("close_session:") == 1, line
+    assert service.marker_lines() == ["open_session ivy", "close_session ivy"]
+    assert service.end_status() == [CONV_ERR]
 
 
 def test_a_worker_told_to_end_closes_the_session_and_deletes_the_credentials_once(

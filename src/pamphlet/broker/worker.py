@@ -179,6 +179,11 @@ class _Worker:
         self.authenticated: bytes | None = None
         self.client_fail_delay = False
         self.phases: list[str] = []
+        # What the client was told is open (a session, credentials): a phase
+        # whose conversation failed is reported as PAM_CONV_ERR even when
+        # libpam opened something, so the client's own end() cannot close it.
+        self.client_knows_session = False
+        self.client_knows_credentials = False
         self.refusals: list[str] = []
         self.refusal_reason: str | None = None  # the last refusal's text, for the audit
         self.end_reason = "client"
@@ -306,6 +311,14 @@ class _Worker:
                 self.tell_broker({"op": "result", "user": None, "code": None})
             raise
         self.phases.append(f"{name}:{code}")
+        transaction = self.transaction
+        # A close is forgotten on both sides whatever its code; an opening
+        # only when the client was told success.
+        told = code == _SUCCESS
+        self.client_knows_session = transaction.session_open and (told or self.client_knows_session)
+        self.client_knows_credentials = transaction.credentials_established and (
+            told or self.client_knows_credentials
+        )
         if phase is Phase.AUTHENTICATE:
             user = self.item(Item.USER)
             if code == _SUCCESS:
@@ -425,11 +438,25 @@ class _Worker:
         return {"op": "result", "value": value}
 
     def do_end(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The client's own end(): it closed what it meant to close; its status."""
+        """The client's own end(): it closed what it meant to close; its status.
+
+        What libpam opened while the client was told the phase failed, the
+        client cannot know of: that is closed here, as a disconnect would.
+        """
         _fields(request, {"status"})
         status = _int(request["status"], "status", 0, 255)
         self.note_items()
-        code, _ = _attempt(self.transaction.end, close=False, status=status)
+        transaction = self.transaction
+        unknown_to_client = (transaction.session_open and not self.client_knows_session) or (
+            transaction.credentials_established and not self.client_knows_credentials
+        )
+        closing = []
+        if unknown_to_client:
+            closing = [Phase.CLOSE_SESSION] if transaction.session_open else []
+            if transaction.credentials_established:
+                closing.append(Phase.SETCRED)
+        code, _ = _attempt(transaction.end, close=unknown_to_client, converse=False, status=status)
+        self.phases.extend(f"{p.value}:{transaction.results.get(p)}" for p in closing)
         return {"op": "result", "code": code}
 
     def note_items(self) -> None:
