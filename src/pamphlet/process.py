@@ -303,7 +303,7 @@ class UserSession:
             self.check()
             account = self.account
             transaction = self.app._transaction
-            if not transaction._credentials_established:
+            if not transaction.credentials_established:
                 with _PROCESS_STATE:
                     saved = os.getgroups()
                     # Before setcred: pam_group adds its groups to these.
@@ -318,7 +318,7 @@ class UserSession:
                 # Established by the caller without initgroups first: the
                 # account's own groups (any that pam_group added went to this process).
                 self._groups = os.getgrouplist(account.pw_name, account.pw_gid)
-            if not transaction._session_open:
+            if not transaction.session_open:
                 try:
                     with _PROCESS_STATE:
                         limits, umask = _limits(), _umask()
