@@ -41,17 +41,47 @@ session required pam_unix.so
 """
 
 
+ACCOUNT_TOOLS = frozenset(
+    {"useradd", "userdel", "usermod", "chpasswd", "chage", "passwd", "groupadd", "groupdel"}
+)
+
+
+def run_account_tool(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """subprocess.run for shadow-utils, retried while another process holds its lock.
+
+    useradd and friends give up at once ("cannot lock /etc/passwd; try again
+    later") when any other process is changing the account files, such as
+    pam_unix changing a password in a broker's worker or another test run.
+    """
+    assert command[0] in ACCOUNT_TOOLS, command
+    check = kwargs.pop("check", False)
+    capture = kwargs.pop("capture_output", False)
+    deadline = time.monotonic() + 30
+    while True:
+        done = subprocess.run(command, capture_output=True, **kwargs)
+        stderr = done.stderr if isinstance(done.stderr, str) else done.stderr.decode()
+        if "cannot lock" not in stderr or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if not capture:
+        # What the caller would have seen without capture_output.
+        sys.stderr.write(stderr)
+    if check:
+        done.check_returncode()
+    return done
+
+
 @pytest.fixture
 def unix_user() -> Iterator[tuple[str, str]]:
     """A throwaway system user with a password, (name, password); always removed (root)."""
     name = "pmph" + secrets.token_hex(4)
     password = "Pw-" + secrets.token_hex(8)
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/false", name], check=True)
+    run_account_tool(["useradd", "--no-create-home", "--shell", "/bin/false", name], check=True)
     try:
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+        run_account_tool(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
         yield name, password
     finally:
-        subprocess.run(["userdel", name], check=True)
+        run_account_tool(["userdel", name], check=True)
 
 
 @pytest.fixture

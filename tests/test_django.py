@@ -35,6 +35,7 @@ from selenium.webdriver.common.by import By
 
 import web_browser
 from broker_harness import SRC, Broker, public_dir
+from conftest import run_account_tool
 from web_browser import Browser, FormClient, wait_until
 
 pytestmark = pytest.mark.root  # system users, a root broker
@@ -232,7 +233,7 @@ class Site:
 
     def _start(self) -> None:
         for group in (OTP_GROUP, STAFF_GROUP):
-            subprocess.run(["groupadd", group], check=True)
+            run_account_tool(["groupadd", group], check=True)
             self._made_groups.append(group)
         for key, (groups, has_secret) in USERS.items():
             name = f"pdj{key}{SUFFIX}"
@@ -242,9 +243,9 @@ class Site:
                 command += ["--groups", ",".join(groups)]
             subprocess.run([*command, name], check=True)
             self._made_users.append(name)
-            subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+            run_account_tool(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
             if key == "expired":
-                subprocess.run(["chage", "-d", "0", name], check=True)
+                run_account_tool(["chage", "-d", "0", name], check=True)
             secret = secrets.token_hex(20) if has_secret else None
             if secret is not None:
                 # One users file per user: pam_oath rewrites the file at each
@@ -376,9 +377,9 @@ class Site:
         if self.broker is not None:
             self.broker.cleanup()
         for name in self._made_users:
-            subprocess.run(["userdel", name], check=False)
+            run_account_tool(["userdel", name], check=False)
         for group in self._made_groups:
-            subprocess.run(["groupdel", group], check=False)
+            run_account_tool(["groupdel", group], check=False)
         subprocess.run(["rm", "-rf", str(self.folder)], check=False)
 
 

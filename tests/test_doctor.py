@@ -24,7 +24,7 @@ import pytest
 
 import pamphlet
 from broker_harness import SRC, SYSTEM_PYTHON, Broker, public_dir, public_source
-from conftest import UNIX_STACK
+from conftest import UNIX_STACK, run_account_tool
 from pamphlet import cli
 from pamphlet.doctor import refusal_hint
 
@@ -103,11 +103,11 @@ session  required pam_deny.so
 def system_user() -> Iterator[str]:
     """A throwaway system user (uid below 1000), no password; removed after."""
     name = "pmds" + secrets.token_hex(4)
-    subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
+    run_account_tool(["useradd", "--system", "--no-create-home", name], check=True)
     try:
         yield name
     finally:
-        subprocess.run(["userdel", name], check=True)
+        run_account_tool(["userdel", name], check=True)
 
 
 # -- the stack ----------------------------------------------------------------------

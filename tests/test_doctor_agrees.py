@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 import pamphlet
+from conftest import run_account_tool
 from pamphlet import cli, pamconf
 from pamphlet.doctor import diagnose
 
@@ -206,16 +207,18 @@ class Users:
         for kind, commands in setup.items():
             name = "pmda" + secrets.token_hex(4)
             password = "Pw-" + secrets.token_hex(8)
-            subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
+            run_account_tool(
+                ["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True
+            )
             self.names[kind] = (name, password)
-            subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+            run_account_tool(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
             for command in commands:
                 subprocess.run([*command, name], check=True, capture_output=True)
 
     def cleanup(self) -> None:
         for name, password in self.names.values():
             if password is not None:
-                subprocess.run(["userdel", name], check=False, capture_output=True)
+                run_account_tool(["userdel", name], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="module")

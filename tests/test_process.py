@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import pytest
 
 import pamphlet
+from conftest import run_account_tool
 from pamphlet.process import LoginIncompleteError, NotRootError, UnknownUserError, UserSession
 
 pytestmark = pytest.mark.root
@@ -130,21 +131,21 @@ class Site:
 def account() -> Iterator[Account]:
     name = "pmph" + secrets.token_hex(4)
     made = Account(name, "Pw-" + secrets.token_hex(8), name + "x", name + "g")
-    subprocess.run(["groupadd", made.extra_group], check=True)
-    subprocess.run(["groupadd", made.pam_group], check=True)
+    run_account_tool(["groupadd", made.extra_group], check=True)
+    run_account_tool(["groupadd", made.pam_group], check=True)
     try:
-        subprocess.run(
+        run_account_tool(
             ["useradd", "--create-home", "--shell", "/bin/sh", "-G", made.extra_group, name],
             check=True,
         )
         try:
-            subprocess.run(["chpasswd"], input=f"{name}:{made.password}\n", text=True, check=True)
+            run_account_tool(["chpasswd"], input=f"{name}:{made.password}\n", text=True, check=True)
             yield made
         finally:
-            subprocess.run(["userdel", "--remove", name], check=True, capture_output=True)
+            run_account_tool(["userdel", "--remove", name], check=True, capture_output=True)
     finally:
-        subprocess.run(["groupdel", made.extra_group], check=True)
-        subprocess.run(["groupdel", made.pam_group], check=True)
+        run_account_tool(["groupdel", made.extra_group], check=True)
+        run_account_tool(["groupdel", made.pam_group], check=True)
 
 
 @pytest.fixture
@@ -253,7 +254,7 @@ def test_a_wrong_password_runs_nothing(site: Site) -> None:
 
 
 def test_an_expired_account_runs_nothing(site: Site) -> None:
-    subprocess.run(["chage", "-E", "0", site.account.name], check=True)
+    run_account_tool(["chage", "-E", "0", site.account.name], check=True)
     report = site.run(["sh", "-c", f"echo child-start >> {site.markers}"])
     assert report["failed"] == {"acct_mgmt": "AccountExpired"}
     assert report["refused"][0] == "LoginIncompleteError"

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import secrets
-import subprocess
 
 import pytest
 
 import pamphlet
-from conftest import UNIX_STACK
+from conftest import UNIX_STACK, run_account_tool
 from pamphlet.simple import UnansweredPromptError
 
 MATRIX = (
@@ -232,7 +231,7 @@ def unix_service(unix_user, pam_service_factory):
 def test_unix_password_change_when_expired(unix_service):
     service, name, password = unix_service
     pamphlet.authenticate(name, password, service.name, confdir=service.confdir)
-    subprocess.run(["chage", "-d", "0", name], check=True)
+    run_account_tool(["chage", "-d", "0", name], check=True)
     with pytest.raises(pamphlet.NewAuthTokenRequired):
         pamphlet.authenticate(name, password, service.name, confdir=service.confdir)
     new = "Nw-" + secrets.token_hex(8)

@@ -22,7 +22,7 @@ import paramiko
 import pytest
 
 import pamphlet
-from conftest import UNIX_STACK, LibpamGate
+from conftest import UNIX_STACK, LibpamGate, run_account_tool
 
 ROOT = pathlib.Path(__file__).parent.parent
 ASKPASS = pathlib.Path(__file__).parent / "askpass.py"
@@ -431,8 +431,8 @@ def expired_user(unix_user):
 
     As root the servers run the client's command as the user, through the
     account's shell: /bin/sh, and the command says hello (see GREET)."""
-    subprocess.run(["chage", "-d", "0", unix_user[0]], check=True)
-    subprocess.run(["usermod", "--shell", "/bin/sh", unix_user[0]], check=True)
+    run_account_tool(["chage", "-d", "0", unix_user[0]], check=True)
+    run_account_tool(["usermod", "--shell", "/bin/sh", unix_user[0]], check=True)
     return unix_user
 
 
@@ -624,16 +624,16 @@ def login_account(tmp_path):
     """A throwaway system user with a home and /bin/sh, and a session marker script."""
     name = "pmph" + secrets.token_hex(4)
     password = "Pw-" + secrets.token_hex(8)
-    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+    run_account_tool(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
     try:
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+        run_account_tool(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
         markers = tmp_path / "markers"
         script = tmp_path / "marker.sh"
         script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_TTY" >> {markers}\n')
         script.chmod(0o755)
         yield name, password, script, markers
     finally:
-        subprocess.run(["userdel", "--remove", name], check=True, capture_output=True)
+        run_account_tool(["userdel", "--remove", name], check=True, capture_output=True)
 
 
 def wait_for_lines(path: pathlib.Path, count: int, timeout: float = 30) -> list[str]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import secrets
-import subprocess
 
 import pytest
 
 import pamphlet
-from conftest import UNIX_STACK, ScriptedApp
+from conftest import UNIX_STACK, ScriptedApp, run_account_tool
 
 pytestmark = pytest.mark.root  # pam_unix reads /etc/shadow
 
@@ -62,7 +61,7 @@ def test_unix_unknown_user(unix_service):
 
 def test_unix_expired_password_is_changed(unix_service, unix_user):
     name, password = unix_user
-    subprocess.run(["chage", "-d", "0", name], check=True)
+    run_account_tool(["chage", "-d", "0", name], check=True)
     new = "Nw-" + secrets.token_hex(8)
     with unix_service.app(ScriptedApp, name, answers=[password]) as app:
         app.authenticate()
