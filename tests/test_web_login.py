@@ -9,6 +9,7 @@ page into its temporary folder.
 from __future__ import annotations
 
 import collections
+import gc
 import http.client
 import http.cookiejar
 import os
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -555,19 +557,20 @@ def fetch(
     *,
     sid: str | None = None,
     form: dict[str, str] | None = None,
+    raw_form: bytes | None = None,
     source: str = "127.0.0.1",
 ) -> tuple[int, http.client.HTTPMessage, str, str | None]:
     """One request as an attacker's script sends it: the cookie set by hand, from
-    the loopback address ``source``. (status, headers, body, the id the answer sets)."""
+    the loopback address ``source``; ``raw_form`` is a POST body sent as it is.
+    (status, headers, body, the id the answer sets)."""
     host, port = urllib.parse.urlsplit(base).netloc.split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
     try:
         headers = {"Cookie": f"{COOKIE}={sid}"} if sid is not None else {}
-        body = None
-        if form is not None:
-            body = urllib.parse.urlencode(form)
+        body = raw_form if form is None else urllib.parse.urlencode(form).encode()
+        if body is not None:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-        connection.request("POST" if form is not None else "GET", path, body, headers)
+        connection.request("POST" if body is not None else "GET", path, body, headers)
         response = connection.getresponse()
         text = response.read().decode()
     finally:
@@ -893,6 +896,100 @@ def test_logins_in_flight_are_capped_overall_and_per_address(
     wait_for_threads(threads_before)
     status, _headers, _body, _sid = start_login(server.url, source="127.0.0.2")
     assert status == 303
+
+
+def test_a_login_replaced_by_a_refused_one_is_still_released(serve, make_service, created_flows):
+    # A's login is replaced by a POST /login with A's id and token that comes
+    # from address B, which is at its share: that POST gets the 503, and A's
+    # login, which it replaced, must end all the same: no handle, no thread
+    # left inside libpam that the registry no longer counts.
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service, login_timeout=60.0, max_logins_per_address=1)
+    address_a, address_b = "127.0.0.2", "127.0.0.3"
+    status, _headers, _body, _sid = start_login(server.url, source=address_b)
+    assert status == 303
+    [login_of_b] = created_flows
+    threads_with_b = thread_names()
+    for _ in range(3):
+        status, _headers, _body, sid = start_login(server.url, source=address_a)
+        assert status == 303 and sid
+        _status, _headers, body, _issued = fetch(server.url, "/", sid=sid, source=address_a)
+        assert "Signing in as" in body
+        status, headers, body, _issued = fetch(
+            server.url,
+            "/login",
+            sid=sid,
+            form={"username": "bob", "csrf": csrf_in(body)},
+            source=address_b,
+        )
+        assert status == 503 and "Retry-After" in headers, body
+        # created_flows[0] is B's login; every later one was A's.
+        wait_until(
+            lambda: all_released(created_flows[1:]), what="the replaced login to be released"
+        )
+        wait_for_threads(threads_with_b)
+        assert server.call(lambda: len(server.login.registry)) == 1
+        # A's place is free again: A can start a new login.
+        status, _headers, _body, sid = start_login(server.url, source=address_a)
+        assert status == 303
+        _status, _headers, body, _issued = fetch(server.url, "/", sid=sid, source=address_a)
+        fetch(server.url, "/cancel", sid=sid, form={"csrf": csrf_in(body)}, source=address_a)
+        wait_until(lambda: created_flows[-1].ended, what="the cancelled login to be released")
+    assert not login_of_b.ended
+    assert all_released([login for login in created_flows if login is not login_of_b])
+
+
+def test_a_cancelled_login_leaves_nothing_behind_in_the_server(serve, make_service, created_flows):
+    # Each login started from a fresh id and cancelled must be forgotten:
+    # nothing of it (its visit, its login) may stay in the server's tables,
+    # or an anonymous client grows the server's memory without bound.
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service)
+    threads_before = thread_names()
+    for _ in range(5):
+        status, _headers, _body, sid = start_login(server.url)
+        assert status == 303 and sid
+        _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
+        status, _headers, _body, _issued = fetch(
+            server.url, "/cancel", sid=sid, form={"csrf": csrf_in(body)}
+        )
+        assert status == 303
+    assert len(created_flows) == 5 and all_released(created_flows)
+    wait_for_threads(threads_before)
+    left = [weakref.ref(login) for login in created_flows]
+    created_flows.clear()
+
+    def all_forgotten() -> bool:
+        gc.collect()
+        return all(login() is None for login in left)
+
+    wait_until(all_forgotten, timeout=5, what="the server to forget the cancelled logins")
+
+
+def test_a_form_that_is_not_utf8_is_a_bad_request(serve, make_service, caplog):
+    # Raw bytes that are not UTF-8 are malformed input like any other: a 400,
+    # no traceback in the answer or the log (which the client could flood).
+    service = make_service(MATRIX_STACK, users={"bob": "secret"})
+    server = serve(service)
+    sid, csrf = new_visitor(server.url)
+    status, _headers, body, _issued = fetch(
+        server.url, "/login", sid=sid, raw_form=b"username=\xff\xfe&csrf=" + csrf.encode()
+    )
+    assert status == 400, body
+    assert "Traceback" not in body
+    status, _headers, _body, sid = start_login(server.url)
+    assert status == 303 and sid
+    [flow] = [flow for flow in flows_of(server) if flow.stage is Stage.ASKING]
+    _status, _headers, body, _issued = fetch(server.url, "/", sid=sid)
+    status, _headers, body, _issued = fetch(
+        server.url,
+        "/answer",
+        sid=sid,
+        raw_form=f"csrf={csrf_in(body)}&step={flow.step}&answer-0=".encode() + b"\xffsecret",
+    )
+    assert status == 400, body
+    assert flow.stage is Stage.ASKING  # nothing reached PAM
+    assert [record for record in caplog.records if record.levelno >= 40] == []
 
 
 def test_one_failure_text_for_a_wrong_password_and_an_unknown_user(serve, make_service):

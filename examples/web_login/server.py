@@ -108,15 +108,17 @@ class Visit:
     """One browser's login as its pages show it; the login is ``login``.
 
     ``key`` is the login's place in the registry while it is in flight;
-    ``busy`` the start or answer the stack is working on; ``last_active``
-    (once logged in) the last request of the session; ``finished`` the end
-    screen (stage and notices), shown once.
+    ``started_from`` the id of the POST that started it (``sid`` changes,
+    this never does); ``busy`` the start or answer the stack is working on;
+    ``last_active`` (once logged in) the last request of the session;
+    ``finished`` the end screen (stage and notices), shown once.
     """
 
     sid: str
     user: str
     address: str
     key: str
+    started_from: str = ""
     login: AsyncLogin | None = None
     busy: asyncio.Task[None] | None = None
     logged_in: bool = False
@@ -202,8 +204,6 @@ class WebLogin:
         self._in_flight: dict[str, Visit] = {}
         # the logged-in visits, whose sessions are open
         self.sessions: set[Visit] = set()
-        # the id a login was started from -> that visit, which a new one from it replaces
-        self._started_by: dict[str, Visit] = {}
         self._id_key = secrets.token_bytes(32)
         self._csrf_key = secrets.token_bytes(32)
         self._reaper: asyncio.Task[None] | None = None
@@ -288,7 +288,12 @@ class WebLogin:
         expired = _Refused(403, "Form expired", "This form is out of date. Please start again.")
         if not self._issued(sid):
             raise expired
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (UnicodeDecodeError, ValueError):
+            # Not a form (bytes that are not UTF-8, say): malformed input like any
+            # other, not a bug of ours to log with a traceback per request.
+            raise _Refused(400, "Bad request", "The form could not be read.") from None
         token = form.get("csrf")
         if not isinstance(token, str) or not hmac.compare_digest(
             token.encode(), self._csrf_token(sid).encode()
@@ -390,8 +395,6 @@ class WebLogin:
     def _leave_flight(self, visit: Visit) -> None:
         self.registry.remove(visit.key)
         self._in_flight.pop(visit.key, None)
-        if self._started_by.get(visit.sid) is visit:
-            del self._started_by[visit.sid]
 
     async def _release(self, visit: Visit, stage: Stage) -> None:
         """End a visit's login wherever it is (a cancel, a replaced login)."""
@@ -476,26 +479,28 @@ class WebLogin:
         # From here to the visit's registration nothing awaits: two POSTs with
         # one id cannot both see the old login, and none is left unregistered.
         # A browser starts one login at a time: a new one replaces the login
-        # this id holds or started.
-        replaced = {
-            visit
-            for visit in (current, self._started_by.get(sid))
-            if visit is not None and not visit.logged_in
-        }
+        # this id holds or started (the one POST /login with this id began:
+        # a double submit, its answer with the new id not yet read).
+        replaced = {visit for visit in self._in_flight.values() if visit.started_from == sid}
+        if current is not None and not current.logged_in:
+            replaced.add(current)
         for old in replaced:
             self._spend_id(old)
             self._leave_flight(old)
-        # The client's own address: PAM_RHOST, and (by its /64 for IPv6) the cap's count.
-        address = request.remote or ""
-        key = self._admit(address)
-        visit = Visit(sid, username, address, key)
-        self._in_flight[key] = visit
-        self._started_by[sid] = visit
-        visit.busy = asyncio.get_running_loop().create_task(
-            self._begin(visit), name=f"login of {username!r}"
-        )
-        for old in replaced:
-            await self._release(old, Stage.FAILED)
+        try:
+            # The client's own address: PAM_RHOST, and (by its /64 for IPv6) the cap's count.
+            address = request.remote or ""
+            key = self._admit(address)
+            visit = Visit(sid, username, address, key, started_from=sid)
+            self._in_flight[key] = visit
+            visit.busy = asyncio.get_running_loop().create_task(
+                self._begin(visit), name=f"login of {username!r}"
+            )
+        finally:
+            # Replaced even when the new one is refused (503): out of the
+            # registry, an old login would hold its handle and thread for ever.
+            for old in replaced:
+                await self._release(old, Stage.FAILED)
         response = _see_other()
         await self._wait(visit)
         self._give_id(visit, response)
@@ -587,7 +592,6 @@ class WebLogin:
         busy = [v.busy for v in self._in_flight.values() if v.busy is not None]
         sessions = list(self.sessions)
         self.visits.clear()
-        self._started_by.clear()
         self.sessions.clear()
         await self.registry.close_async()
         if busy:
