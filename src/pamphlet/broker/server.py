@@ -82,6 +82,7 @@ class _Worker:
     detached: str | None = None  # the id of its live resume token, while detached
     reservation: Reservation | None = None  # its authenticate's places in the throttle
     overdue: bool = False  # killed by the broker for missing its deadline
+    stopped: bool = False  # killed by the broker because something stopped it
 
 
 #: Seconds between two looks at the workers' deadlines.
@@ -667,11 +668,21 @@ class Broker:
     def _reap(self, _: Any = None) -> None:
         while self.workers or self.spares or self.retiring:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if os.WIFSTOPPED(status):
+                # Its peer may signal it (real uid = the peer's), and a stopped
+                # worker holds what it holds (a slot, /etc/.pwd.lock in
+                # chauthtok, a module's lock) until killed: kill it now, not
+                # at a deadline it may not have set yet.
+                stopped = self.workers.get(pid)
+                if stopped is not None:
+                    stopped.stopped = True
+                _kill(pid, signal.SIGKILL)
+                continue
             record = self.workers.pop(pid, None)
             if record is not None:
                 self._finish(record, status)
@@ -739,7 +750,9 @@ class Broker:
             rhost=summary.get("rhost"),
             phases=[str(p) for p in phases],
             outcome=outcome,
-            end="overdue: killed at its deadline"
+            end="stopped: killed by the broker"
+            if record.stopped
+            else "overdue: killed at its deadline"
             if record.overdue
             else summary.get("end", "worker died"),
             worker=f"{record.pid}:{ended}",
