@@ -399,28 +399,54 @@ def test_only_an_answer_extends_a_login_and_expiry_ends_it(
 ) -> None:
     where, _ = where_for(transport, stacks, request)
     baseline = settled_thread_count()
-    registry: LoginRegistry[Login] = LoginRegistry(timeout=1.0)
+    # The registry's clock is the test's: a loaded machine cannot move deadlines.
+    now = [1000.0]
+    registry: LoginRegistry[Login] = LoginRegistry(timeout=2.0)
+    registry._clock = lambda: now[0]
     try:
         polled, _ = registry.start("192.0.2.1", lambda: Login.start("otp", "bob", **where))
         answered, _ = registry.start("192.0.2.2", lambda: Login.start("otp", "dave", **where))
-        deadline = time.monotonic() + 0.7
-        while time.monotonic() < deadline:
+        for now[0] in (1000.5, 1001.0, 1001.5, 1001.9):
             assert registry.get(polled) is not None  # a page view, again and again
-            time.sleep(0.05)
-        step = registry.answer(answered, ["secret"])  # an answer: a second more
+        step = registry.answer(answered, ["secret"])  # an answer: two seconds more
         assert isinstance(step, Step)
         polled_login, answered_login = registry.get(polled), registry.get(answered)
         assert polled_login is not None and answered_login is not None
-        time.sleep(0.5)
-        registry.reap()
+        now[0] = 1002.1
         assert registry.get(polled) is None and registry.get(answered) is not None
+        assert [key for key, _ in registry.reap()] == [polled]
         _wait_until(lambda: polled_login.ended)
-        time.sleep(0.6)
-        registry.reap()
+        now[0] = 1003.95
         assert registry.get(answered) is None
+        assert [key for key, _ in registry.reap()] == [answered]
         _wait_until(lambda: answered_login.ended)
         assert polled_login.outcome is None or not polled_login.outcome.success
         assert wait_for_thread_count(baseline) <= baseline
+    finally:
+        registry.close()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one-process", "shared-dir"])
+def test_a_key_past_its_deadline_is_gone_without_a_reaper(
+    shared: bool, stacks: Stacks, tmp_path: Any
+) -> None:
+    # Django's view asks `key in registry` and runs no reaper: an answer past
+    # the deadline must not find the login still in progress.
+    registry: LoginRegistry[Login] = LoginRegistry(
+        timeout=0.3, shared_dir=str(tmp_path / "places") if shared else None
+    )
+    try:
+        key, login = registry.start(
+            "192.0.2.9", lambda: Login.start("pw", "bob", confdir=str(stacks.confdir))
+        )
+        assert key in registry and len(registry) == 1 and registry.count("192.0.2.9") == 1
+        time.sleep(0.5)
+        assert key not in registry
+        assert len(registry) == 0 and registry.count("192.0.2.9") == 0
+        assert registry.get(key) is None
+        # Reading reaps nothing: the reaper still finds the key and ends it.
+        assert [k for k, _ in registry.reap()] == [key]
+        _wait_until(lambda: login.ended)
     finally:
         registry.close()
 

@@ -39,7 +39,13 @@ from typing import Any, Generic, TypeVar
 from ._flavours import HandleGuard, PhaseThread
 from .application import ApplicationBase
 from .broker.client import BrokerSteps, Progress
-from .broker.errors import BrokerError, BrokerNotTrusted, BrokerUnavailable, ResumeRefused
+from .broker.errors import (
+    BrokerError,
+    BrokerNotTrusted,
+    BrokerUnavailable,
+    Busy,
+    ResumeRefused,
+)
 from .constants import Flag, Item, Phase, ReturnCode
 from .errors import ConversationStateError, PamError, pam_error
 from .message import Message
@@ -237,7 +243,7 @@ class _Recorder:
 
     def broken(self, error: BaseException, notices: Sequence[Message]) -> Outcome:
         """The outcome of an error on our side or the broker's (never a success)."""
-        if isinstance(error, (BrokerUnavailable, BrokerNotTrusted)):
+        if isinstance(error, (BrokerUnavailable, BrokerNotTrusted, Busy)):
             message = UNAVAILABLE
         elif self.reason is not None:
             message = self.reason
@@ -997,8 +1003,12 @@ class _Places:
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
-    def addresses(self) -> list[str]:
-        return [address for address, _ in list(self._entries.values())]
+    def alive(self, key: str, now: float) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry[1] > now
+
+    def addresses(self, now: float) -> list[str]:
+        return [address for address, deadline in list(self._entries.values()) if deadline > now]
 
 
 class SharedPlaces(_Places):
@@ -1071,8 +1081,11 @@ class SharedPlaces(_Places):
     def __contains__(self, key: str) -> bool:
         return os.path.exists(os.path.join(self.path, key))
 
-    def addresses(self) -> list[str]:
-        return [address for _, (address, _) in self._read()]
+    def alive(self, key: str, now: float) -> bool:
+        return any(name == key and deadline > now for name, (_, deadline) in self._read())
+
+    def addresses(self, now: float) -> list[str]:
+        return [address for _, (address, deadline) in self._read() if deadline > now]
 
 
 def _check_room(
@@ -1127,15 +1140,19 @@ class LoginRegistry(Generic[_L]):
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self._places.addresses())
+        # A place past its deadline is no login in progress, reaped or not.
+        return len(self._places.addresses(self._clock()))
 
     def count(self, address: str | None) -> int:
         """Logins in progress from ``address`` (its /64 for IPv6)."""
         key = address_key(address)
-        return sum(1 for a in self._places.addresses() if a == key)
+        return sum(1 for a in self._places.addresses(self._clock()) if a == key)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._places
+        # Expiry holds when asked, not only when a reaper last ran: a front end
+        # that checks a key (Django's view) must not take an answer past it.
+        # (Reading reaps nothing: reap() still reports the key.)
+        return self._places.alive(key, self._clock())
 
     def admit(self, address: str | None, key: str | None = None) -> str:
         """Reserve a place for a login from ``address``; its key. Raises TooManyLogins.
@@ -1187,7 +1204,7 @@ class LoginRegistry(Generic[_L]):
 
     def get(self, key: str | None) -> _L | None:
         """The login of ``key`` in this process; reading it never extends its life."""
-        if key is None or key not in self._places:
+        if key is None or key not in self:
             return None
         return self._logins.get(key)
 

@@ -10,7 +10,7 @@
         "SUPERUSER_GROUPS": ["sudo"],           # ... is_superuser (and is_staff)
         "ENCODING": "utf-8",
         "BROKER_UID": None,                     # a broker not run by root (a container's)
-        "MAX_LOGINS": 64,                       # logins in progress, per process
+        "MAX_LOGINS": 64,                       # logins in progress, in the whole site
         "MAX_LOGINS_PER_ADDRESS": 4,            # ... per client address (IPv6: per /64)
         "LOGIN_TIMEOUT": 120,                   # seconds a login waits for its next answer
         "LOGIN_STATE_DIR": None,                # where the processes count logins in progress

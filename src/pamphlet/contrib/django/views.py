@@ -1,7 +1,7 @@
 """``PamLoginView``: a login of as many pages as the PAM stack has questions.
 
 Built on :mod:`pamphlet.stepwise`. The first page asks the user name. The
-view admits the login in this process's :class:`~pamphlet.stepwise.LoginRegistry`
+view admits the login in the site's :class:`~pamphlet.stepwise.LoginRegistry`
 (caps in total and per client address: a 503 with Retry-After beyond them,
 before anything reaches the broker), starts it at the broker with the client
 address as PAM_RHOST, runs it to the stack's first question and *detaches*
