@@ -451,3 +451,28 @@ def test_sighup_reloads_the_policy_and_running_transactions_keep_their_rule(make
         app.authenticate()
     assert site.broker.process.poll() is None
     assert site.broker.stop() == 0
+
+
+def test_a_reload_that_raises_a_limit_keeps_counting_past_the_old_one():
+    # The broker's own counter (no libpam in it): after a SIGHUP raised
+    # user_refuse_after from 10 to 20, a bucket created under the old policy
+    # was capped at 11 entries and never refused again.
+    from pamphlet.broker.policy import Throttle
+    from pamphlet.broker.throttle import FailureCounter
+
+    counter = FailureCounter(Throttle(user_slow_after=10, user_refuse_after=10))
+
+    def fail(now: float) -> str | None:
+        refusal, _, reservation = counter.reserve(None, 65534, "bob", None, now)
+        if refusal is not None:
+            return refusal
+        assert reservation is not None
+        counter.settle(reservation, 7, now, "bob")
+        return None
+
+    assert [fail(float(t)) for t in range(10)] == [None] * 10
+    assert fail(10.0) is not None and fail(10.0).startswith("10 failed logins")
+    counter.settings = Throttle(user_slow_after=20, user_refuse_after=20, delay=0)
+    assert [fail(float(t)) for t in range(11, 21)] == [None] * 10
+    refusal = fail(21.0)
+    assert refusal is not None and refusal.startswith("20 failed logins"), refusal

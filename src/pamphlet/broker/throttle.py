@@ -143,9 +143,13 @@ class FailureCounter:
                     self.failures.pop(key, None)
             return
         for key in keys:
-            self.failures.setdefault(
-                key, collections.deque(maxlen=self._limits(key)[1] + 1)
-            ).append(now)
+            # Kept to the limit in force: a reload that raised it must not
+            # leave a bucket capped at the old one (it would never refuse).
+            keep = self._limits(key)[1] + 1
+            times = self.failures.get(key)
+            if times is None or times.maxlen != keep:
+                times = self.failures[key] = collections.deque(times or (), maxlen=keep)
+            times.append(now)
         if now - self._pruned > 60:
             self._pruned = now
             for key in list(self.failures):
