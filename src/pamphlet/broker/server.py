@@ -132,7 +132,9 @@ class Broker:
 
     # -- the loop -------------------------------------------------------------------
 
-    def serve(self) -> None:
+    def serve(self, signals_before: Sequence[int] = ()) -> None:
+        """Run until SIGTERM or SIGINT. ``signals_before``: those that came
+        after the socket was bound and before this (main() notes them)."""
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, "listener")
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -141,6 +143,8 @@ class Broker:
             signum: signal.signal(signum, self._on_signal)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
         }
+        for signum in signals_before:
+            self._on_signal(signum, None)
         make_undumpable()  # the broker and, inherited, every worker
         gc.collect()
         gc.freeze()  # what the broker holds now is never scanned again in a worker
@@ -1098,6 +1102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"pamphlet broker: --confdir {arguments.confdir!r} is not a directory", file=sys.stderr
         )
         return 2
+    # From the moment the socket can exist, a stop or reload is noted, not
+    # fatal: SIGTERM's default action would leave the socket behind (a
+    # service manager may stop the broker as soon as it starts).
+    signals_before: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda number, _frame: signals_before.append(number))
     listener = systemd_listener()
     path = None
     if listener is None:
@@ -1143,5 +1153,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    broker.serve()
+    broker.serve(signals_before)
     return 0
