@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 import pamphlet
-from broker_harness import SRC, SYSTEM_PYTHON, public_dir
+from broker_harness import SRC, SYSTEM_PYTHON, as_user, public_dir
 from pamphlet.broker import BrokerError, BrokerNotTrusted
 from pamphlet.broker.client import BrokerSteps
 from pamphlet.constants import Phase
@@ -79,17 +79,7 @@ class Liar:
         os.chown(self.directory, NOBODY, NOBODY)
         self.socket = str(self.directory / "broker.sock")
         self.process = subprocess.Popen(
-            [
-                "setpriv",
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "--",
-                SYSTEM_PYTHON,
-                "-c",
-                LIAR,
-                self.socket,
-            ],
+            as_user("nobody", "nogroup", SYSTEM_PYTHON, "-c", LIAR, self.socket),
             stdout=subprocess.PIPE,
             text=True,
             cwd="/",

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import pamphlet
-from broker_harness import SRC, SYSTEM_PYTHON, Broker, public_dir, public_source
+from broker_harness import SRC, SYSTEM_PYTHON, Broker, as_user, public_dir, public_source
 from conftest import UNIX_STACK, run_account_tool
 from pamphlet import cli
 from pamphlet.doctor import refusal_hint
@@ -285,17 +285,7 @@ def as_nobody(
     source: pathlib.Path, *args: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "--",
-            SYSTEM_PYTHON,
-            "-m",
-            "pamphlet",
-            *args,
-        ],
+        as_user("nobody", "nogroup", SYSTEM_PYTHON, "-m", "pamphlet", *args),
         input=stdin,
         capture_output=True,
         text=True,
